@@ -1,0 +1,1 @@
+"""sparsek.cli."""
