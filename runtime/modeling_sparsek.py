@@ -1,0 +1,297 @@
+"""Model classes of converted checkpoints: the base architecture with sparse attention.
+
+How the sparse path hangs into transformers:
+
+* every attention module of the base model becomes a subclass that, when the model runs with
+  ``attn_implementation="sparsek"``, computes the SparseK scores from the block's input hidden
+  states (the tensor that feeds ``W_K``, SPEC 1.1) and hands them, with the cache object, to the
+  registered attention function;
+* the attention function (``sparse_attention_forward``) and its mask function are registered with
+  transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` under the name ``"sparsek"``;
+  the mask function returns the 2D padding mask (or ``None``), like the flash-attention one;
+* with ``attn_implementation="sdpa"`` (or ``"eager"``) the same weights run dense, unchanged.
+
+Loaded without an explicit ``attn_implementation``, a converted model runs sparse.
+
+Decoding through transformers' own caches works by keeping the extra per-token state that the
+sparse methods need (SparseK scores, CCA pooling queries) beside the cache object. That state is
+not reordered by beam search; the bounded caches of ``sparsek.runtime`` are the efficient path.
+
+This file is shipped inside every converted checkpoint (remote code), so it needs only torch and
+transformers; when the ``sparsek`` package is installed its ops (Triton kernels on CUDA) are used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
+
+from .configuration_sparsek import (
+    SparseKLlamaConfig,
+    SparseKMistralConfig,
+    SparseKQwen2Config,
+    SparseKQwen3Config,
+    sparse_settings,
+)
+
+try:  # the installed package: Triton kernels on CUDA, references elsewhere
+    from sparsek.kernels import cca_attention, cca_pool, sparsek_attention
+except ImportError:  # a converted folder loaded with plain transformers
+    from .cca_reference import cca_attention_reference as cca_attention
+    from .cca_reference import cca_pool_reference as cca_pool
+    from .sparsek_reference import sparsek_attention_reference as sparsek_attention
+
+ATTENTION_NAME = "sparsek"
+DENSE_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class SparseKScorer(nn.Module):
+    """``u[j, h] = x_j . W_score[h] + b_score[h] + alpha * j`` in float32 (SPEC 1.1)."""
+
+    def __init__(self, hidden_size: int, num_kv_heads: int, alpha: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_kv_heads, hidden_size, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(num_kv_heads, dtype=torch.float32))
+        self.alpha = alpha
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``hidden_states [B, L, hidden]``, ``positions [B, L]`` -> scores ``[B, Hkv, L]`` (float32)."""
+        u = nn.functional.linear(hidden_states.float(), self.weight.float(), self.bias.float())
+        u = u + self.alpha * positions.to(u.device, torch.float32)[..., None]
+        return u.transpose(1, 2)
+
+
+# --- extra per-token state kept beside transformers' caches -------------------------------------
+
+
+def _append_state(cache, layer_idx: int, name: str, new: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    if cache is None:
+        return new
+    store = cache.__dict__.setdefault("_sparsek_state", {})
+    key = (layer_idx, name)
+    old = store.get(key)
+    full = new if old is None else torch.cat([old, new.to(old.dtype)], dim=seq_dim)
+    store[key] = full.detach()
+    return full
+
+
+def _past_length(cache, layer_idx: int) -> int:
+    if cache is None:
+        return 0
+    store = cache.__dict__.get("_sparsek_state", {})
+    for (idx, _), tensor in store.items():
+        if idx == layer_idx:
+            return tensor.shape[2]
+    return 0
+
+
+# --- padding: bring every row's valid tokens to the front ---------------------------------------
+
+
+def _left_align(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row start and valid count of a 2D padding mask whose valid tokens are contiguous."""
+    mask = mask.bool()
+    count = mask.sum(-1)
+    start = mask.int().argmax(-1)
+    last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)
+    contiguous = (count == 0) | (last - start + 1 == count)
+    if not bool(contiguous.all()):
+        raise ValueError("sparse attention needs each row's valid tokens to be contiguous (left or right padding)")
+    return torch.where(count > 0, start, torch.zeros_like(start)), count
+
+
+def _roll_seq(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per row ``b``: ``out[b, :, i] = t[b, :, (i + shift[b]) % L]`` along dim 2."""
+    length = t.shape[2]
+    idx = (torch.arange(length, device=t.device)[None] + shift[:, None]) % length  # [B, L]
+    view = [t.shape[0], 1, length] + [1] * (t.dim() - 3)
+    return torch.gather(t, 2, idx.view(view).expand_as(t))
+
+
+# --- the registered attention and mask functions ------------------------------------------------
+
+
+def sparse_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sparse_cache=None,
+    sparsek_scores: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SparseK or CCA attention for one layer; returns ``([B, Lq, H, d], None)``."""
+    s = module.sparse
+    lq, lk = query.shape[2], key.shape[2]
+    layer = module.layer_idx
+    if s.method == "sparsek":
+        if sparsek_scores is None:
+            raise RuntimeError("SparseK attention needs the scorer's scores; call it through the attention module")
+        extra = _append_state(sparse_cache, layer, "scores", sparsek_scores, seq_dim=2)[..., -lk:]
+    else:
+        extra = _append_state(sparse_cache, layer, "queries", query, seq_dim=2)[:, :, -lk:]
+    if extra.shape[2] != lk:
+        raise RuntimeError(f"sparse state covers {extra.shape[2]} tokens but the cache holds {lk}")
+
+    seqlens = q_offsets = shift = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError("sparse attention takes a 2D padding mask, not a prepared 4D mask")
+        start, seqlens = _left_align(attention_mask[:, -lk:])
+        key, value, extra = (_roll_seq(t, start) for t in (key, value, extra))
+        if lq == lk:
+            shift, query = start, _roll_seq(query, start)
+            q_offsets = torch.zeros_like(seqlens)
+        else:
+            q_offsets = seqlens - lq
+
+    if s.method == "sparsek":
+        out = sparsek_attention(query, key, value, extra, s.topk, s.window, scaling, seqlens, q_offsets)
+    else:
+        g = s.group
+        q_all = query if lq == lk else extra
+        n = lk // g
+        k_core, v_core = cca_pool(q_all[:, :, g - 1 : n * g : g], key, value, g, scaling)
+        out = cca_attention(query, key, value, k_core, v_core, g, s.cca_window, scaling, seqlens, q_offsets)
+    if shift is not None:
+        out = _roll_seq(out, -shift)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def sparse_attention_mask(batch_size: int, q_length: int = 0, kv_length: int | None = None, attention_mask=None, **kwargs):
+    """The 2D padding mask (``None`` when nothing is padded), like flash attention's."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    if kv_length is not None:
+        attention_mask = attention_mask[:, -kv_length:]
+    return None if bool(attention_mask.all()) else attention_mask.bool()
+
+
+def register_attention() -> None:
+    AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sparse_attention_mask)
+
+
+register_attention()
+
+
+# --- attention modules and model classes --------------------------------------------------------
+
+
+class SparseAttentionMixin:
+    """Runs the scorer and passes scores and cache to the registered attention function."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if self.config._attn_implementation == ATTENTION_NAME:
+            kwargs["sparse_cache"] = past_key_values
+            if self.sparse.method == "sparsek":
+                positions = kwargs.get("position_ids")
+                if positions is None:
+                    start = _past_length(past_key_values, self.layer_idx)
+                    positions = torch.arange(start, start + hidden_states.shape[1], device=hidden_states.device)
+                if positions.dim() == 1:
+                    positions = positions[None]
+                positions = positions.expand(hidden_states.shape[0], -1)
+                kwargs["sparsek_scores"] = self.scorer(hidden_states, positions)
+        return super().forward(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+
+
+_ATTENTION_CLASSES: dict[type, type] = {}
+
+
+def _sparse_attention_class(base: type) -> type:
+    if base not in _ATTENTION_CLASSES:
+        _ATTENTION_CLASSES[base] = type(f"Sparse{base.__name__}", (SparseAttentionMixin, base), {})
+    return _ATTENTION_CLASSES[base]
+
+
+class SparseModelMixin:
+    """Turns the base model's attention modules sparse and makes ``"sparsek"`` the default."""
+
+    _keep_in_fp32_modules_strict = ["scorer"]
+
+    def _sparsify(self) -> None:
+        settings = sparse_settings(self.config)
+        cfg = self.config
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            if not isinstance(attn, SparseAttentionMixin):
+                attn.__class__ = _sparse_attention_class(type(attn))
+            attn.sparse = settings
+            if settings.method == "sparsek" and not hasattr(attn, "scorer"):
+                param = next(attn.parameters())
+                scorer = SparseKScorer(cfg.hidden_size, cfg.num_key_value_heads, settings.alpha)
+                attn.scorer = scorer.to(param.device)
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention in (None, ATTENTION_NAME):
+            register_attention()
+            return ATTENTION_NAME
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def _init_weights(self, module):
+        if isinstance(module, SparseKScorer):
+            with torch.no_grad():
+                module.weight.zero_()
+                module.bias.zero_()
+            return
+        super()._init_weights(module)
+
+    @property
+    def sparse_settings(self):
+        return sparse_settings(self.config)
+
+
+class SparseKLlamaForCausalLM(SparseModelMixin, LlamaForCausalLM):
+    config_class = SparseKLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._sparsify()
+
+
+class SparseKMistralForCausalLM(SparseModelMixin, MistralForCausalLM):
+    config_class = SparseKMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._sparsify()
+
+
+class SparseKQwen2ForCausalLM(SparseModelMixin, Qwen2ForCausalLM):
+    config_class = SparseKQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._sparsify()
+
+
+class SparseKQwen3ForCausalLM(SparseModelMixin, Qwen3ForCausalLM):
+    config_class = SparseKQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._sparsify()
+
+
+MODEL_CLASSES = {
+    "llama": SparseKLlamaForCausalLM,
+    "mistral": SparseKMistralForCausalLM,
+    "qwen2": SparseKQwen2ForCausalLM,
+    "qwen3": SparseKQwen3ForCausalLM,
+}
