@@ -1,0 +1,173 @@
+"""SparseK attention in Triton: one autograd function, same signature as the reference.
+
+Pipeline (all GPU work, no Python loops over tokens):
+
+1. :func:`sparsek_thresholds` -> per query ``tau`` (SPARSEK threshold), ``theta`` (top-k
+   boundary with ties toward newer keys) and ``|F|`` (fractional candidates);
+2. :func:`sparsek_block_lists` -> per query block the compacted ``S_{i0}``;
+3. forward kernel over list + window; backward kernel for dq, dk, dv and the gate part of
+   d(scores);
+4. the SPARSEK mean term of d(scores) (SPEC 1.3): ``dz_j -= sum_i [j in F_i] m_i`` with
+   ``m_i = sum_{F_i cap S_i} dp / |F_i|``. Because ``tau_i`` is monotone in ``i``, the queries for
+   which ``j`` is fractional (``tau_i < u_j < tau_i + 1``) form one contiguous range, found with a
+   binary search, and the sum is a difference of prefix sums: O(L log L), no L x L work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .sparsek_reference import _check_shapes
+from .sparsek_triton_attn import _sparsek_bwd_kernel, _sparsek_fwd_kernel
+from .sparsek_triton_select import sparsek_block_lists, sparsek_thresholds
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(g: int, d: int, dtype: torch.dtype) -> dict:
+    """Block shapes. Tiny blocks under the interpreter (tests), tensor-core sized on the GPU."""
+    if _INTERPRET:
+        bm = 16 if g <= 8 else 32
+        return {"BM": bm, "BN": 16, "SEL_BQ": 64, "SEL_BN": 32, "LIST_BN": 32, "warps": 1, "stages": 1,
+                "bwd_BN": 16, "bwd_warps": 1}
+    bm = 128 if d <= 128 else 64
+    bn = 64 if d <= 128 else 32
+    return {"BM": bm, "BN": bn, "SEL_BQ": 32, "SEL_BN": 256, "LIST_BN": 1024, "warps": 8, "stages": 2,
+            "bwd_BN": 32 if d <= 128 else 16, "bwd_warps": 8}
+
+
+class _Plan:
+    """Everything the forward computes once and the backward reuses."""
+
+    def __init__(self, q, k, scores, topk, window, seqlens, q_offsets):
+        b, h, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        self.b, self.h, self.hkv, self.g, self.lq, self.lk, self.d = b, h, hkv, h // hkv, lq, lk, d
+        dev = q.device
+        self.off = (
+            torch.full((b,), lk - lq, dtype=torch.int32, device=dev)
+            if q_offsets is None else q_offsets.to(device=dev, dtype=torch.int32).contiguous()
+        )
+        self.kvlen = (
+            torch.full((b,), lk, dtype=torch.int32, device=dev)
+            if seqlens is None else seqlens.to(device=dev, dtype=torch.int32).contiguous()
+        )
+        self.cfg = _config(self.g, d, q.dtype)
+        self.bq = max(1, self.cfg["BM"] // self.g)
+        self.topk, self.window = topk, window
+        self.u = scores.detach().to(torch.float32).reshape(b * hkv, lk).contiguous()
+
+    def select(self):
+        c = self.cfg
+        self.tau, self.thu, self.thj, self.nfrac = sparsek_thresholds(
+            self.u, self.off, self.kvlen, self.lq, self.topk, self.window, self.hkv, c["SEL_BQ"], c["SEL_BN"])
+        self.idx, self.cnt = sparsek_block_lists(
+            self.u, self.off, self.kvlen, self.thu, self.thj, self.lq, self.topk, self.window, self.hkv,
+            self.bq, c["LIST_BN"])
+        self.nblocks = self.idx.shape[1]
+        self.cap = self.idx.shape[2]
+
+
+def _forward(plan: _Plan, q, k, v, scale):
+    c = plan.cfg
+    o = torch.empty_like(q)
+    lse = torch.empty((plan.b, plan.h, plan.lq), device=q.device, dtype=torch.float32)
+    upcast = q.dtype == torch.float32 or _INTERPRET
+    _sparsek_fwd_kernel[(plan.nblocks, plan.b * plan.hkv)](
+        q, k, v, plan.u, plan.tau, plan.thu, plan.thj, plan.idx, plan.cnt, plan.off, plan.kvlen, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        plan.lq, plan.lk, plan.window, scale, plan.nblocks, plan.cap,
+        HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["BN"], D=plan.d, BD=triton.next_power_of_2(plan.d),
+        UPCAST=upcast, num_warps=c["warps"], num_stages=c["stages"],
+    )
+    return o, lse
+
+
+def _score_mean_term(plan: _Plan, mrow: torch.Tensor) -> torch.Tensor:
+    """``sum_i [0 < u_j - tau_i < 1][j candidate of i] m_i`` for every key, ``[B*Hkv, Lk]``."""
+    bh = plan.b * plan.hkv
+    m = mrow.view(plan.b, plan.hkv, plan.g, plan.lq).sum(2).reshape(bh, plan.lq).double()
+    m = m / plan.nfrac.clamp(min=1).double()
+    cum = torch.cat([m.new_zeros(bh, 1), m.cumsum(1)], dim=1)
+    u = plan.u
+    tau = plan.tau.contiguous()
+    first = torch.searchsorted(tau, (u - 1.0).contiguous(), right=True)  # first i with tau_i > u - 1
+    last = torch.searchsorted(tau, u.contiguous(), right=False)  # first i with tau_i >= u
+    j = torch.arange(plan.lk, device=u.device)
+    off = plan.off.long().repeat_interleave(plan.hkv)[:, None]
+    imin = (j[None, :] + plan.window - off).clamp(0, plan.lq)
+    lo = torch.maximum(first, imin)
+    hi = torch.maximum(last, lo)
+    kvlen = plan.kvlen.long().repeat_interleave(plan.hkv)[:, None]
+    t2 = cum.gather(1, hi) - cum.gather(1, lo)
+    return torch.where(j[None, :] < kvlen, t2, torch.zeros_like(t2)).float()
+
+
+class _SparsekAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scores, topk, window, scale, seqlens, q_offsets):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        plan = _Plan(q, k, scores, topk, window, seqlens, q_offsets)
+        plan.select()
+        o, lse = _forward(plan, q, k, v, scale)
+        ctx.plan = plan
+        ctx.scale = scale
+        ctx.scores_dtype = scores.dtype
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        c = plan.cfg
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)
+        dq = torch.empty_like(q)
+        dk = torch.zeros((plan.b, plan.hkv, plan.lk, plan.d), device=q.device, dtype=torch.float32)
+        dv = torch.zeros_like(dk)
+        du = torch.zeros((plan.b * plan.hkv, plan.lk), device=q.device, dtype=torch.float32)
+        mrow = torch.empty((plan.b, plan.h, plan.lq), device=q.device, dtype=torch.float32)
+        upcast = q.dtype == torch.float32 or _INTERPRET
+        _sparsek_bwd_kernel[(plan.nblocks, plan.b * plan.hkv)](
+            q, k, v, plan.u, plan.tau, plan.thu, plan.thj, plan.idx, plan.cnt, plan.off, plan.kvlen,
+            do, lse, delta, dq, dk, dv, du, mrow,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            plan.lq, plan.lk, plan.window, ctx.scale, plan.nblocks, plan.cap,
+            HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["bwd_BN"], D=plan.d,
+            BD=triton.next_power_of_2(plan.d), UPCAST=upcast, num_warps=c["bwd_warps"], num_stages=1,
+        )
+        du = du - _score_mean_term(plan, mrow)
+        dscores = du.view(plan.b, plan.hkv, plan.lk).to(ctx.scores_dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dscores, None, None, None, None, None
+
+
+def sparsek_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scores: torch.Tensor,
+    topk: int,
+    window: int,
+    scale: float | None = None,
+    seqlens: torch.Tensor | None = None,
+    q_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SparseK attention (SPEC 1.4) in Triton; same layout and semantics as the reference."""
+    _check_shapes(q, k, v)
+    if scores.shape != k.shape[:3]:
+        raise ValueError(f"scores must be [B, Hkv, Lk] = {tuple(k.shape[:3])}, got {tuple(scores.shape)}")
+    if topk < 1 or window < 1:
+        raise ValueError(f"topk and window must be >= 1, got topk={topk}, window={window}")
+    g = q.shape[1] // k.shape[1]
+    if g > 16:
+        raise ValueError(f"GQA group size {g} > 16 is not supported by the Triton kernel")
+    if q.shape[2] == 0:
+        return q.new_zeros(q.shape)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _SparsekAttention.apply(q, k, v, scores, topk, window, scale, seqlens, q_offsets)

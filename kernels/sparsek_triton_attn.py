@@ -1,0 +1,257 @@
+"""SparseK attention kernels (SPEC 1.4), forward and backward, over per-block gathered key lists.
+
+One program owns one query block of one KV head and *all* ``G`` query heads of its group: its
+``BM`` rows are ``(g, i)`` pairs, row ``r`` -> head ``g = r // BQ``, query ``i0 + r % BQ`` with
+``BQ = BM // G`` (any G from 1 to 16; the ``BM - G*BQ`` leftover rows are masked, nothing is
+padded to 16 heads). The group shares the selection, so every K/V tile it loads serves all heads.
+
+Keys a block visits (see :mod:`sparsek_triton_select`):
+
+* part A: the compacted list ``S_{i0}`` (gathered loads), each key tested against the row's
+  ``theta_i`` (is it in ``S_i``?) and gated by ``clip(u_j - tau_i, 0, 1)``;
+* part B: the contiguous range ``(c_{i0}, pos_last]``: window keys (gate 1) and the candidates
+  that enter inside the block (same test as part A).
+
+The softmax is over the visible keys, gates multiply the values only (SPEC 1.4). Math in fp32;
+fp16/bf16 operands go to the matrix units as they are, fp32 inputs are upcast everywhere.
+
+Backward (FlashAttention-2 style, recomputing P from the saved log-sum-exp): dQ is owned by
+the block; dK, dV and the gate part of d(scores) are scattered with fp32 atomics since a key
+is visited by many blocks. The per-row sums ``sum_{F_i cap S_i} dp`` needed for the SPARSEK
+mean term (SPEC 1.3) are written per row and finished in :mod:`sparsek_triton`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, WINDOW_PART: tl.constexpr):
+    """Visible mask, gate, and 'fractional selected candidate' mask for a [BM, BN] tile."""
+    sel = (u[None, :] > thu[:, None]) | ((u[None, :] == thu[:, None]) & (j[None, :] >= thj[:, None]))
+    gate = tl.minimum(tl.maximum(u[None, :] - tau[:, None], 0.0), 1.0)
+    if WINDOW_PART:
+        win = (j[None, :] > pos[:, None] - window) & (j[None, :] <= pos[:, None])
+        cand = (j[None, :] <= pos[:, None] - window) & sel
+        vis = (win | cand) & jm[None, :] & q_ok[:, None]
+        gate = tl.where(win, 1.0, gate)
+    else:
+        cand = sel
+        vis = sel & jm[None, :] & q_ok[:, None]
+    frac = vis & cand & (gate > 0.0) & (gate < 1.0)
+    return vis, gate, frac
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k, v, vis, gate, scale, UPCAST: tl.constexpr):
+    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pg = p * gate
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(pg, v)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pg.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparsek_fwd_kernel(
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, OUT, LSE,
+    sqb, sqh, sql, skb, skh, skl, sob, soh, sol,
+    Lq, Lk, window, scale, nblocks, cap,
+    HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    off = tl.load(OFF + b)
+    kvlen = tl.load(KVLEN + b)
+    r = tl.arange(0, BM)
+    g = r // BQ
+    qi = blk * BQ + r % BQ
+    row_ok = (r < G * BQ) & (qi < Lq)
+    pos = off + qi
+    q_ok = row_ok & (pos >= 0) & (pos < kvlen)
+    h = hk * G + g
+    d = tl.arange(0, BD)
+    dm = d < D
+    qptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :]
+    q = tl.load(qptr, mask=row_ok[:, None] & dm[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    so = bh.to(tl.int64) * Lq + qi
+    tau = tl.load(TAU + so, mask=row_ok, other=0.0)
+    thu = tl.load(THU + so, mask=row_ok, other=0.0)
+    thj = tl.load(THJ + so, mask=row_ok, other=0)
+    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    ub = U + bh.to(tl.int64) * Lk
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+
+    # part A: the gathered selection of the block's first query
+    cnt = tl.load(CNT + bh * nblocks + blk)
+    ib = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    for t0 in range(0, cnt, BN):
+        t = t0 + tl.arange(0, BN)
+        jm = t < cnt
+        j = tl.load(ib + t, mask=jm, other=0)
+        kv_off = j.to(tl.int64)[:, None] * skl + d[None, :]
+        kt = tl.load(kb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
+        vt = tl.load(vb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        u = tl.load(ub + j, mask=jm, other=0.0)
+        vis, gate, _fr = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, vis, gate, scale, UPCAST)
+
+    # part B: contiguous range after the first query's candidates (window + entering keys)
+    i_last = tl.minimum(blk * BQ + BQ, Lq) - 1
+    lo = tl.maximum(off + blk * BQ - window + 1, 0)
+    hi = tl.minimum(off + i_last + 1, kvlen)
+    for j0 in range(lo, hi, BN):
+        j = j0 + tl.arange(0, BN)
+        jm = j < hi
+        kv_off = j.to(tl.int64)[:, None] * skl + d[None, :]
+        kt = tl.load(kb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
+        vt = tl.load(vb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        u = tl.load(ub + j, mask=jm, other=0.0)
+        vis, gate, _fr = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, vis, gate, scale, UPCAST)
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = tl.where(has[:, None], out, 0.0)
+    optr = OUT + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + qi.to(tl.int64)[:, None] * sol + d[None, :]
+    tl.store(optr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
+    tl.store(LSE + (b * HKV * G + h).to(tl.int64) * Lq + qi, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
+              DK, DV, DU, dkv_off, dkv_mask, UPCAST: tl.constexpr):
+    s = tl.dot(q, tl.trans(kt)) * scale
+    p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+    w = p * gate
+    dw = tl.dot(do, tl.trans(vt))
+    dp = dw * gate
+    ds = p * (dp - delta[:, None])
+    if UPCAST:
+        dv = tl.dot(tl.trans(w), do)
+        dq += tl.dot(ds, kt)
+        dk = tl.dot(tl.trans(ds), q)
+    else:
+        dv = tl.dot(tl.trans(w.to(do.dtype)), do)
+        dq += tl.dot(ds.to(kt.dtype), kt)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.atomic_add(DV + dkv_off, dv, mask=dkv_mask)
+    tl.atomic_add(DK + dkv_off, dk * scale, mask=dkv_mask)
+    dg = tl.where(frac, dw * p, 0.0)
+    tl.atomic_add(DU + j, tl.sum(dg, 0), mask=jm)
+    mrow += tl.sum(dg, 1)
+    return dq, mrow
+
+
+@triton.jit
+def _sparsek_bwd_kernel(
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DQ, DK, DV, DU, MROW,
+    sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
+    Lq, Lk, window, scale, nblocks, cap,
+    HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """DK/DV/DU are fp32 buffers laid out [B, Hkv, Lk, D] / [B*Hkv, Lk]; DQ like Q (strides sq*)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    off = tl.load(OFF + b)
+    kvlen = tl.load(KVLEN + b)
+    r = tl.arange(0, BM)
+    g = r // BQ
+    qi = blk * BQ + r % BQ
+    row_ok = (r < G * BQ) & (qi < Lq)
+    pos = off + qi
+    q_ok = row_ok & (pos >= 0) & (pos < kvlen)
+    h = hk * G + g
+    d = tl.arange(0, BD)
+    dm = d < D
+    rm = row_ok[:, None] & dm[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :],
+                mask=rm, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sdl + d[None, :],
+                 mask=rm, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    so = bh.to(tl.int64) * Lq + qi
+    tau = tl.load(TAU + so, mask=row_ok, other=0.0)
+    thu = tl.load(THU + so, mask=row_ok, other=0.0)
+    thj = tl.load(THJ + so, mask=row_ok, other=0)
+    sr = (b * HKV * G + h).to(tl.int64) * Lq + qi
+    lse = tl.load(LSE + sr, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + sr, mask=row_ok, other=0.0)
+    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    dkb = bh.to(tl.int64) * Lk * D
+    ub = U + bh.to(tl.int64) * Lk
+    dub = DU + bh.to(tl.int64) * Lk
+
+    dq = tl.zeros([BM, BD], tl.float32)
+    mrow = tl.zeros([BM], tl.float32)
+
+    cnt = tl.load(CNT + bh * nblocks + blk)
+    ib = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    for t0 in range(0, cnt, BN):
+        t = t0 + tl.arange(0, BN)
+        jm = t < cnt
+        j = tl.load(ib + t, mask=jm, other=0)
+        kvm = jm[:, None] & dm[None, :]
+        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        u = tl.load(ub + j, mask=jm, other=0.0)
+        vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
+        dkv_off = dkb + j.to(tl.int64)[:, None] * D + d[None, :]
+        dq, mrow = _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
+                             DK, DV, dub, dkv_off, kvm, UPCAST)
+
+    i_last = tl.minimum(blk * BQ + BQ, Lq) - 1
+    lo = tl.maximum(off + blk * BQ - window + 1, 0)
+    hi = tl.minimum(off + i_last + 1, kvlen)
+    for j0 in range(lo, hi, BN):
+        j = j0 + tl.arange(0, BN)
+        jm = j < hi
+        kvm = jm[:, None] & dm[None, :]
+        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        u = tl.load(ub + j, mask=jm, other=0.0)
+        vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
+        dkv_off = dkb + j.to(tl.int64)[:, None] * D + d[None, :]
+        dq, mrow = _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
+                             DK, DV, dub, dkv_off, kvm, UPCAST)
+
+    dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :]
+    tl.store(dqp, (dq * scale).to(DQ.dtype.element_ty), mask=rm)
+    tl.store(MROW + sr, mrow, mask=row_ok)
