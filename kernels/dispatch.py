@@ -37,6 +37,10 @@ def cca_pool(
     q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CCA core tokens (SPEC 2.1); see :func:`cca_pool_reference`."""
+    if _use_triton(k):
+        from .cca_triton_pool import cca_pool_triton
+
+        return cca_pool_triton(q_last, k, v, group, scale)
     return cca_pool_reference(q_last, k, v, group, scale)
 
 
@@ -53,6 +57,10 @@ def cca_attention(
     q_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CCA attention over cores plus the raw window (SPEC 2.2-2.3); see :func:`cca_attention_reference`."""
+    if _use_triton(q):
+        from .cca_triton_attention import cca_attention_triton
+
+        return cca_attention_triton(q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets)
     return cca_attention_reference(q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets)
 
 
@@ -66,4 +74,8 @@ def cca_prefill(
     seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooling plus attention for a whole sequence; see :func:`cca_prefill_reference`."""
+    if _use_triton(q):
+        from .cca_triton_attention import cca_prefill_triton
+
+        return cca_prefill_triton(q, k, v, group, window, scale, seqlens)
     return cca_prefill_reference(q, k, v, group, window, scale, seqlens)

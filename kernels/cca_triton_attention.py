@@ -1,0 +1,457 @@
+"""CCA attention (SPEC 2.2-2.3) as Triton kernels: forward, and backward with gradients to
+``q``, ``k``, ``v``, ``k_core`` and ``v_core``.
+
+Layout of the work. A program owns one KV head and a block of ``BLOCK_M`` *packed rows*: ``QPB =
+BLOCK_M // G`` consecutive query positions times the ``G`` query heads of that KV head (row ``r``
+is position ``r // G``, head ``r % G``). Every K/V tile is loaded once and used by all G heads
+(the shared K/V tile of GQA), and ``G`` is never padded to 16: for G = 3 and ``BLOCK_M = 64``
+the block holds 21 positions and one idle row. A narrow block of positions also keeps the raw
+window of the block tight (``s + g + QPB`` keys instead of ``s + g + BLOCK_M``).
+
+Query ``i`` sits at position ``pos = q_offsets[b] + i`` and sees cores ``n < min(P(pos), N)`` and
+raw keys ``P(pos) * g <= j <= pos`` with ``P(pos) = floor(max(pos + 1 - s, 0) / g)`` (true floor:
+every division here is of non-negative integers). Each program walks the cores, then the raw
+keys, with one online softmax; per tile a scalar test decides whether the tile is visible to
+every row of the block, and only boundary tiles pay for the element-wise mask.
+
+Backward (flash-attention 2 style, no atomics, deterministic):
+* ``_dq_kernel``: per packed-row block, recomputes probabilities from the saved log-sum-exp,
+  writes ``dq`` and ``delta = rowsum(o * do)``.
+* ``_dkdv_kernel``: per tile of raw keys (``IS_CORE=False``) or of cores (``IS_CORE=True``), walks
+  the packed-row blocks of the queries that can see the tile. Raw keys are seen by about
+  ``s + g`` queries; core ``n`` by every query from position ``(n + 1) g + s - 1`` on, so core
+  programs are long. They are launched heaviest first.
+
+Rows that are out of range (past ``Lq``, idle packed rows, positions outside ``[0, seqlens[b])``)
+load zero queries/gradients and an infinite log-sum-exp, so they contribute exactly nothing in
+unmasked tiles. Everything accumulates in float32; ``tl.dot`` takes the input dtype (bf16/fp16
+tensor cores) with float32 accumulation, the probabilities are rounded to the input dtype before
+the value product, as in flash-attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _n_cores(pos, window, group):
+    """``P(pos)``: cores visible at ``pos`` (0 while ``pos + 1 <= window``; pos may be negative)."""
+    return tl.maximum(pos + 1 - window, 0) // group
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, qk, v):
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, KC, VC, OUT, LSE, SEQ, OFF,
+    sqb, sqh, sqm, skb, skh, skm, scb, sch, scm,
+    Lq, Lk, N, group, window, qk_scale,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_OFF: tl.constexpr,
+):
+    QPB: tl.constexpr = BLOCK_M // G
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late blocks see the most cores: start them first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    if HAS_SEQ:
+        kv_len = tl.load(SEQ + b)
+    else:
+        kv_len = Lk
+    if HAS_OFF:
+        off = tl.load(OFF + b)
+    else:
+        off = Lk - Lq
+    q0 = pid_m * QPB
+    r = tl.arange(0, BLOCK_M)
+    pl = r // G
+    hd = r % G
+    iq = q0 + pl
+    pos = off + iq
+    in_rows = (pl < QPB) & (iq < Lq)
+    ok = in_rows & (pos >= 0) & (pos < kv_len)
+    p_row = _n_cores(pos, window, group)
+    core_hi = tl.where(ok, tl.minimum(p_row, N), 0)  # cores n < core_hi
+    raw_lo = p_row * group
+    raw_hi = tl.where(ok, pos, -1)  # raw keys raw_lo <= j <= raw_hi
+    # Positions of the block's valid rows lie in [pmin, pmax] (empty when pmax < pmin).
+    pmin = tl.maximum(off + q0, 0)
+    pmax = tl.minimum(off + tl.minimum(q0 + QPB, Lq) - 1, kv_len - 1)
+    nonempty = pmax >= pmin
+
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+    head = (hk * G + hd).to(tl.int64)
+    row_off = b.to(tl.int64) * sqb + head * sqh + iq * sqm
+    q = tl.load(Q + row_off[:, None] + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+
+    # Cores: [0, c_all) are visible to every row, [c_all, c_end) to some.
+    c_all = tl.minimum(_n_cores(pmin, window, group), N)
+    c_end = tl.where(nonempty, tl.minimum(_n_cores(pmax, window, group), N), 0)
+    kc_base = KC + b.to(tl.int64) * scb + hk * sch
+    vc_base = VC + b.to(tl.int64) * scb + hk * sch
+    for start in range(0, c_end, BLOCK_N):
+        cols = start + offs_n
+        kv_mask = (cols < N)[:, None] & dmask[None, :]
+        k = tl.load(kc_base + cols[:, None] * scm + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_base + cols[:, None] * scm + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if start + BLOCK_N > c_all:
+            qk = tl.where(cols[None, :] < core_hi[:, None], qk, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v)
+
+    # Raw keys: [r_start, pmax]; keys in [full_lo, pmin] are visible to every row.
+    r_start = _n_cores(pmin, window, group) * group
+    r_end = tl.where(nonempty, pmax + 1, r_start)
+    full_lo = _n_cores(pmax, window, group) * group
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * skb + hk * skh
+    for start in range(r_start, r_end, BLOCK_N):
+        cols = start + offs_n
+        kv_mask = (cols < Lk)[:, None] & dmask[None, :]
+        k = tl.load(k_base + cols[:, None] * skm + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * skm + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if (start < full_lo) | (start + BLOCK_N > pmin + 1):
+            vis = (cols[None, :] >= raw_lo[:, None]) & (cols[None, :] <= raw_hi[:, None])
+            qk = tl.where(vis, qk, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, v)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = tl.where(ok[:, None], acc / l_safe[:, None], 0.0)
+    tl.store(OUT + row_off[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=in_rows[:, None] & dmask[None, :])
+    lse = tl.where(ok, m_i + tl.log2(l_safe), float("inf"))
+    lse_off = (b * H + hk * G + hd).to(tl.int64) * Lq + iq
+    tl.store(LSE + lse_off, lse, mask=in_rows)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, KC, VC, OUT, DO, DQ, LSE, DELTA, SEQ, OFF,
+    sqb, sqh, sqm, skb, skh, skm, scb, sch, scm,
+    Lq, Lk, N, group, window, qk_scale, sm_scale,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_OFF: tl.constexpr,
+):
+    QPB: tl.constexpr = BLOCK_M // G
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    if HAS_SEQ:
+        kv_len = tl.load(SEQ + b)
+    else:
+        kv_len = Lk
+    if HAS_OFF:
+        off = tl.load(OFF + b)
+    else:
+        off = Lk - Lq
+    q0 = pid_m * QPB
+    r = tl.arange(0, BLOCK_M)
+    pl = r // G
+    hd = r % G
+    iq = q0 + pl
+    pos = off + iq
+    in_rows = (pl < QPB) & (iq < Lq)
+    ok = in_rows & (pos >= 0) & (pos < kv_len)
+    p_row = _n_cores(pos, window, group)
+    core_hi = tl.where(ok, tl.minimum(p_row, N), 0)
+    raw_lo = p_row * group
+    raw_hi = tl.where(ok, pos, -1)
+    pmin = tl.maximum(off + q0, 0)
+    pmax = tl.minimum(off + tl.minimum(q0 + QPB, Lq) - 1, kv_len - 1)
+    nonempty = pmax >= pmin
+
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+    head = (hk * G + hd).to(tl.int64)
+    row_off = b.to(tl.int64) * sqb + head * sqh + iq * sqm
+    ld_mask = ok[:, None] & dmask[None, :]
+    q = tl.load(Q + row_off[:, None] + offs_d[None, :], mask=ld_mask, other=0.0)
+    do = tl.load(DO + row_off[:, None] + offs_d[None, :], mask=ld_mask, other=0.0)
+    o = tl.load(OUT + row_off[:, None] + offs_d[None, :], mask=ld_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse_off = (b * H + hk * G + hd).to(tl.int64) * Lq + iq
+    tl.store(DELTA + lse_off, delta, mask=in_rows)
+    lse = tl.load(LSE + lse_off, mask=ok, other=float("inf"))
+    dq = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+
+    c_all = tl.minimum(_n_cores(pmin, window, group), N)
+    c_end = tl.where(nonempty, tl.minimum(_n_cores(pmax, window, group), N), 0)
+    kc_base = KC + b.to(tl.int64) * scb + hk * sch
+    vc_base = VC + b.to(tl.int64) * scb + hk * sch
+    for start in range(0, c_end, BLOCK_N):
+        cols = start + offs_n
+        kv_mask = (cols < N)[:, None] & dmask[None, :]
+        k = tl.load(kc_base + cols[:, None] * scm + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_base + cols[:, None] * scm + offs_d[None, :], mask=kv_mask, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if start + BLOCK_N > c_all:
+            p = tl.where(cols[None, :] < core_hi[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+
+    r_start = _n_cores(pmin, window, group) * group
+    r_end = tl.where(nonempty, pmax + 1, r_start)
+    full_lo = _n_cores(pmax, window, group) * group
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * skb + hk * skh
+    for start in range(r_start, r_end, BLOCK_N):
+        cols = start + offs_n
+        kv_mask = (cols < Lk)[:, None] & dmask[None, :]
+        k = tl.load(k_base + cols[:, None] * skm + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * skm + offs_d[None, :], mask=kv_mask, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if (start < full_lo) | (start + BLOCK_N > pmin + 1):
+            vis = (cols[None, :] >= raw_lo[:, None]) & (cols[None, :] <= raw_hi[:, None])
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+
+    dq = dq * sm_scale
+    tl.store(DQ + row_off[:, None] + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=in_rows[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, OFF,
+    sqb, sqh, sqm, skb, skh, skm,
+    Lq, Lk, NK, group, window, qk_scale, sm_scale,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_OFF: tl.constexpr,
+    IS_CORE: tl.constexpr,
+):
+    """``K``/``V``/``DK``/``DV`` are the raw keys (``NK = Lk`` rows) or the cores (``NK = N``)."""
+    QPB: tl.constexpr = BLOCK_M // G
+    n0 = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    if HAS_SEQ:
+        kv_len = tl.load(SEQ + b)
+    else:
+        kv_len = Lk
+    if HAS_OFF:
+        off = tl.load(OFF + b)
+    else:
+        off = Lk - Lq
+
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    cols = n0 + tl.arange(0, BLOCK_N)
+    kv_mask = (cols < NK)[:, None] & dmask[None, :]
+    kv_off = b.to(tl.int64) * skb + hk * skh + cols[:, None] * skm + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+
+    # Positions that can see some key of the tile.
+    if IS_CORE:
+        pos_first = (n0 + 1) * group + window - 1
+        pos_last = kv_len - 1
+    else:
+        pos_first = n0
+        j_last = tl.maximum(tl.minimum(n0 + BLOCK_N, kv_len) - 1, 0)
+        pos_last = tl.minimum((j_last // group + 1) * group + window - 2, kv_len - 1)
+    iq_lo = tl.maximum(pos_first - off, 0)
+    iq_hi = tl.minimum(pos_last - off + 1, Lq)
+
+    r = tl.arange(0, BLOCK_M)
+    pl = r // G
+    hd = r % G
+    head_off = b.to(tl.int64) * sqb + (hk * G + hd).to(tl.int64) * sqh
+    lse_base = (b * H + hk * G + hd).to(tl.int64) * Lq
+    dk = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+    for iq0 in range(iq_lo, iq_hi, QPB):
+        iq = iq0 + pl
+        rmask = (pl < QPB) & (iq < iq_hi)
+        row_ptr = head_off + iq * sqm
+        ld_mask = rmask[:, None] & dmask[None, :]
+        q = tl.load(Q + row_ptr[:, None] + offs_d[None, :], mask=ld_mask, other=0.0)
+        do = tl.load(DO + row_ptr[:, None] + offs_d[None, :], mask=ld_mask, other=0.0)
+        lse = tl.load(LSE + lse_base + iq, mask=rmask, other=float("inf"))
+        delta = tl.load(DELTA + lse_base + iq, mask=rmask, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        pa = off + iq0
+        pos = off + iq
+        if IS_CORE:
+            if _n_cores(pa, window, group) < n0 + BLOCK_N:
+                p_t = tl.where(cols[:, None] < _n_cores(pos, window, group)[None, :], p_t, 0.0)
+        else:
+            if (pa < n0 + BLOCK_N - 1) | (_n_cores(pa + QPB - 1, window, group) * group > n0):
+                vis = (cols[:, None] >= (_n_cores(pos, window, group) * group)[None, :]) & (cols[:, None] <= pos[None, :])
+                p_t = tl.where(vis, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    dk = dk * sm_scale
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# Block shapes: (BLOCK_M packed rows, BLOCK_N keys, num_warps, num_stages) per kernel.
+# The interpreter (CPU) gets tiny blocks so tests cover many tiles and boundaries.
+_INTERPRETER_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
+_CONFIG_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _config(kernel: str, d: int, device: torch.device) -> tuple[int, int, int, int]:
+    if kernel in _CONFIG_OVERRIDE:
+        return _CONFIG_OVERRIDE[kernel]
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIG[kernel]
+    if d <= 64:
+        return {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}[kernel]
+    if d <= 128:
+        return {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 64, 8, 2)}[kernel]
+    return {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1)}[kernel]
+
+
+def _rows_per_block(block_m: int, g: int) -> int:
+    """Packed rows must hold at least one position of every head of the group."""
+    return max(block_m, triton.next_power_of_2(g))
+
+
+class _CCAAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets):
+        b, h, lq, d = q.shape
+        hkv, lk, n = k.shape[1], k.shape[2], k_core.shape[2]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        k_core, v_core = k_core.contiguous(), v_core.contiguous()
+        seq = None if seqlens is None else seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+        offs = None if q_offsets is None else q_offsets.to(device=q.device, dtype=torch.int32).contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
+        g = h // hkv
+        dp = max(16, triton.next_power_of_2(d))
+        bm, bn, warps, stages = _config("fwd", d, q.device)
+        bm = _rows_per_block(bm, g)
+        if lq > 0 and b * hkv > 0:
+            grid = (triton.cdiv(lq, bm // g), b * hkv)
+            _fwd_kernel[grid](
+                q, k, v, k_core, v_core, o, lse, seq if seq is not None else lse, offs if offs is not None else lse,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                k_core.stride(0), k_core.stride(1), k_core.stride(2),
+                lq, lk, n, group, window, scale * _LOG2E,
+                H=h, HKV=hkv, G=g, D=d, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
+                HAS_SEQ=seq is not None, HAS_OFF=offs is not None, num_warps=warps, num_stages=stages,
+            )
+        ctx.save_for_backward(q, k, v, k_core, v_core, o, lse, seq, offs)
+        ctx.group, ctx.window, ctx.scale = group, window, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, k_core, v_core, o, lse, seq, offs = ctx.saved_tensors
+        group, window, scale = ctx.group, ctx.window, ctx.scale
+        b, h, lq, d = q.shape
+        hkv, lk, n = k.shape[1], k.shape[2], k_core.shape[2]
+        g = h // hkv
+        dp = max(16, triton.next_power_of_2(d))
+        do = do.contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dkc = torch.empty_like(k_core)
+        dvc = torch.empty_like(v_core)
+        delta = torch.empty_like(lse)
+        common = dict(H=h, HKV=hkv, G=g, D=d, DP=dp, HAS_SEQ=seq is not None, HAS_OFF=offs is not None)
+        seq_arg = seq if seq is not None else lse
+        off_arg = offs if offs is not None else lse
+        if lq > 0 and b * hkv > 0:
+            bm, bn, warps, stages = _config("dq", d, q.device)
+            bm = _rows_per_block(bm, g)
+            _dq_kernel[(triton.cdiv(lq, bm // g), b * hkv)](
+                q, k, v, k_core, v_core, o, do, dq, lse, delta, seq_arg, off_arg,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                k_core.stride(0), k_core.stride(1), k_core.stride(2),
+                lq, lk, n, group, window, scale * _LOG2E, scale,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+            )
+            bm, bn, warps, stages = _config("dkdv", d, q.device)
+            bm = _rows_per_block(bm, g)
+            for kk, vv, dkk, dvv, nk, is_core in ((k_core, v_core, dkc, dvc, n, True), (k, v, dk, dv, lk, False)):
+                if nk == 0:
+                    continue
+                _dkdv_kernel[(triton.cdiv(nk, bn), b * hkv)](
+                    q, kk, vv, do, lse, delta, dkk, dvv, seq_arg, off_arg,
+                    q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+                    lq, lk, nk, group, window, scale * _LOG2E, scale,
+                    BLOCK_M=bm, BLOCK_N=bn, IS_CORE=is_core, num_warps=warps, num_stages=stages, **common,
+                )
+        else:
+            for t in (dq, dk, dv, dkc, dvc):
+                t.zero_()
+        return dq, dk, dv, dkc, dvc, None, None, None, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, window: int) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B,H,Lq,d] and k, v [B,Hkv,Lk,d]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)} (H must be a multiple of Hkv)")
+    if group < 1 or window < 1:
+        raise ValueError(f"group and window must be >= 1, got group={group}, window={window}")
+
+
+def cca_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_core: torch.Tensor,
+    v_core: torch.Tensor,
+    group: int,
+    window: int,
+    scale: float | None = None,
+    seqlens: torch.Tensor | None = None,
+    q_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`sparsek.kernels.cca_reference.cca_attention_reference` (same contract)."""
+    _check(q, k, v, group, window)
+    if k_core.shape[:2] != k.shape[:2] or k_core.shape[3] != k.shape[3] or v_core.shape != k_core.shape:
+        raise ValueError(f"k_core/v_core must be [B,Hkv,N,d] like k; got {tuple(k_core.shape)}, {tuple(v_core.shape)}")
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    return _CCAAttention.apply(q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets)
+
+
+def cca_prefill_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: int,
+    window: int,
+    scale: float | None = None,
+    seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`sparsek.kernels.cca_reference.cca_prefill_reference`: pool, then attend."""
+    from .cca_triton_pool import cca_pool_triton
+
+    _check(q, k, v, group, window)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError("cca_prefill needs queries aligned with keys (Lq == Lk)")
+    n = k.shape[2] // group
+    k_core, v_core = cca_pool_triton(q[:, :, group - 1 : n * group : group], k, v, group, scale)
+    return cca_attention_triton(q, k, v, k_core, v_core, group, window, scale, seqlens)
