@@ -30,6 +30,10 @@ def sparsek_attention(
     q_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SparseK attention (SPEC 1.4); see :func:`sparsek_attention_reference` for the layout."""
+    if _use_triton(q):
+        from .sparsek_triton import sparsek_attention_triton
+
+        return sparsek_attention_triton(q, k, v, scores, topk, window, scale, seqlens, q_offsets)
     return sparsek_attention_reference(q, k, v, scores, topk, window, scale, seqlens, q_offsets)
 
 
