@@ -83,3 +83,24 @@ def cca_prefill(
 
         return cca_prefill_triton(q, k, v, group, window, scale, seqlens)
     return cca_prefill_reference(q, k, v, group, window, scale, seqlens)
+
+
+def gated_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor | None,
+    valid: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention against bounded-cache slots (SPEC 1.5, 2.4): split-K Triton kernel on CUDA.
+
+    See :func:`sparsek.kernels.decode_reference.gated_decode_attention_reference` for the layout.
+    """
+    if _use_triton(q):
+        from .decode_triton import gated_decode_attention_triton
+
+        return gated_decode_attention_triton(q, k, v, gates, valid, scale)
+    from .decode_reference import gated_decode_attention_reference
+
+    return gated_decode_attention_reference(q, k, v, gates, valid, scale)

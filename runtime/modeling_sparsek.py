@@ -130,6 +130,11 @@ def sparse_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """SparseK or CCA attention for one layer; returns ``([B, Lq, H, d], None)``."""
+    # A bounded cache of ``sparsek.runtime`` (cache_sparsek.py / cache_cca.py) keeps its own
+    # state and computes the attention itself; duck-typed, so this file needs no import of it.
+    bounded_attend = getattr(sparse_cache, "sparse_attend", None)
+    if bounded_attend is not None:
+        return bounded_attend(module, query, key, value, attention_mask, scaling, sparsek_scores)
     s = module.sparse
     lq, lk = query.shape[2], key.shape[2]
     layer = module.layer_idx
