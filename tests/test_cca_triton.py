@@ -197,6 +197,27 @@ def test_prefill_matches_reference(g_heads, hkv, lk, group, window, seqlens):
 
 
 @interpreter
+@pytest.mark.slow
+def test_gpu_block_shapes_under_interpreter(monkeypatch):
+    """The block shapes the GPU uses for d <= 128 (128/64-row blocks, 64/128-key tiles), so the
+    tile bookkeeping is checked at the sizes that run there, not only at 16 x 16."""
+    from sparsek.kernels import cca_triton_attention as mod
+
+    gpu = {kernel: mod._config(kernel, 128, torch.device("cuda")) for kernel in ("fwd", "dq", "dkdv")}
+    monkeypatch.setattr(mod, "_CONFIG_OVERRIDE", gpu)
+    gen = torch.Generator().manual_seed(5)
+    # window 200 > 128-key tile + block: unmasked raw tiles; 135 cores: an unmasked 128-core tile
+    b, hkv, g_heads, lk, d, group, window = 1, 1, 4, 470, 16, 2, 200
+    q = _leaf(b, hkv * g_heads, lk, d, gen=gen)
+    k, v = _leaf(b, hkv, lk, d, gen=gen), _leaf(b, hkv, lk, d, gen=gen)
+    sl = torch.tensor([463])
+    grad_outs = [torch.randn(q.shape, generator=gen, dtype=torch.float64)]
+    got = _run(lambda *x: cca_prefill_triton(*x, group, window, None, sl), [q, k, v], grad_outs)
+    want = _run(lambda *x: cca_prefill_reference(*x, group, window, None, sl), [q, k, v], grad_outs)
+    _assert_all_close(got[0] + got[1], want[0] + want[1])
+
+
+@interpreter
 def test_float16_flash_rule():
     gen = torch.Generator().manual_seed(3)
     b, hkv, g_heads, lk, d, group, window = 2, 2, 4, 37, 16, 4, 6
