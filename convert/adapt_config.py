@@ -39,7 +39,7 @@ class AdaptConfig:
     eval_data: list[str] = field(default_factory=list)  # empty: held-out split of --data
     eval_fraction: float = 0.05
     text_field: str = "text"
-    seq_len: int = 2048
+    seq_len: int = 0  # 0: min(2048, the model's max positions)
     objective: str = "distill"
     mix_weight: float = 0.5  # share of the distill loss in --objective mix
     temperature: float = 1.0  # of the distillation KL
@@ -150,7 +150,7 @@ def check_config(cfg: AdaptConfig) -> None:
         raise UserError("no output folder given (-o OUT)")
     if cfg.steps < 1:
         raise UserError(f"--steps must be >= 1, got {cfg.steps}")
-    if cfg.seq_len < 2:
+    if cfg.seq_len != 0 and cfg.seq_len < 2:
         raise UserError(f"--seq-len must be >= 2, got {cfg.seq_len}")
     if cfg.objective not in OBJECTIVES:
         raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")

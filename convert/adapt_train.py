@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 
 from sparsek.runtime.errors import UserError
-from sparsek.runtime.loading import load_model, load_tokenizer, resolve_device, resolve_model_path, require_converted
+from sparsek.runtime.loading import (
+    load_model,
+    load_tokenizer,
+    require_converted,
+    resolve_device,
+    resolve_model_path,
+)
 
 from .adapt_checkpoint import gather_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from .adapt_config import RUN_DEFINING, AdaptConfig, config_record
@@ -35,6 +41,7 @@ from .adapt_objective import AdaptObjective
 from .adapt_output import write_output
 
 WRAPPER_PREFIX = "model."
+DEFAULT_SEQ_LEN = 2048
 
 
 class SimulatedKill(Exception):
@@ -121,6 +128,8 @@ def check_inputs(cfg: AdaptConfig) -> tuple[Path, dict, list[Path] | None, list[
         raise UserError(f"run folder {run_dir} holds checkpoints of an earlier run; pass --resume to continue it "
                         "or remove the folder")
     max_len = model_cfg.get("max_position_embeddings")
+    if cfg.seq_len == 0:
+        cfg.seq_len = min(DEFAULT_SEQ_LEN, max_len or DEFAULT_SEQ_LEN)
     if max_len and cfg.seq_len > max_len:
         raise UserError(f"--seq-len {cfg.seq_len} is larger than the model supports ({max_len} positions)")
     method = model_cfg.get("sparse_method")
@@ -245,7 +254,11 @@ def _run(cfg: AdaptConfig, rank: int, world: int, main: bool, abort_after_step: 
     model.config.use_cache = False
     trainable = select_trainable(model, cfg.train)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed it; 5.17 (the GPU machine) has only the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     use_amp = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     objective = AdaptObjective(model, cfg.objective, cfg.mix_weight, cfg.temperature, use_amp)
