@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         scorer_queries: int = typer.Option(None, "--scorer-queries", help="Sampled queries per row for the scorer loss [64].", show_default=False),
         train: str = typer.Option(None, "--train", help="What trains: scorer (SparseK only), attention or all [scorer].", show_default=False),
         lr: float = typer.Option(None, "--lr", help="Peak learning rate [1e-3].", show_default=False),
+        scorer_lr: float = typer.Option(None, "--scorer-lr", help="Peak learning rate of the scorer [--lr].", show_default=False),
         min_lr_ratio: float = typer.Option(None, "--min-lr-ratio", help="Final lr as a share of --lr [0.1].", show_default=False),
         warmup: int = typer.Option(None, "--warmup", help="Linear warm-up steps [20].", show_default=False),
         schedule: str = typer.Option(None, "--schedule", help="cosine, linear or constant after warm-up [cosine].", show_default=False),

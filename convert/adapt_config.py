@@ -23,7 +23,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 # Settings whose change makes a resumed run a different run.
 RUN_DEFINING = (
     "model", "data", "eval_data", "eval_fraction", "seq_len", "objective", "mix_weight", "scorer_loss",
-    "scorer_queries", "train", "lr", "min_lr_ratio", "warmup", "schedule", "weight_decay", "batch_size",
+    "scorer_queries", "train", "lr", "scorer_lr", "min_lr_ratio", "warmup", "schedule", "weight_decay", "batch_size",
     "grad_accum", "clip", "seed", "steps", "text_field", "shuffle_buffer", "temperature",
 )
 
@@ -47,6 +47,7 @@ class AdaptConfig:
     scorer_queries: int = 64  # sampled queries per row for the scorer loss
     train: str = "scorer"
     lr: float = 1e-3
+    scorer_lr: float = 0.0  # peak lr of W_score/b_score; 0: --lr (new parameters often want a larger one)
     min_lr_ratio: float = 0.1
     warmup: int = 20
     schedule: str = "cosine"
@@ -167,8 +168,8 @@ def check_config(cfg: AdaptConfig) -> None:
     for name in ("warmup", "eval_batches", "scorer_queries"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.lr <= 0 or cfg.scorer_lr < 0:
+        raise UserError(f"--lr must be > 0 and --scorer-lr >= 0, got {cfg.lr} and {cfg.scorer_lr}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise UserError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if not 0 <= cfg.mix_weight <= 1:

@@ -268,8 +268,12 @@ def _run(cfg: AdaptConfig, rank: int, world: int, main: bool, abort_after_step: 
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(objective)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    scorer = [p for n, p in named if ".scorer." in n]
+    others = [p for n, p in named if ".scorer." not in n]
+    groups = [{"params": g, "lr": lr} for g, lr in ((others, cfg.lr), (scorer, cfg.scorer_lr or cfg.lr)) if g]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -320,7 +324,7 @@ def _run(cfg: AdaptConfig, rank: int, world: int, main: bool, abort_after_step: 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
-        lr = scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[-1]  # the scorer's group when it trains
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stats_all = _all_reduce(stats_sum.to(device), world).cpu()
