@@ -163,7 +163,9 @@ class MetricsLog:
         self.path, self.enabled, self.writer = path, enabled, None
         if not enabled:
             return
-        if resume_step is not None and path.is_file():  # drop what the killed run logged after its checkpoint
+        if resume_step is None and path.is_file():  # a fresh run: no lines of an earlier one
+            path.unlink()
+        elif resume_step is not None and path.is_file():  # drop what the killed run logged after its checkpoint
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         if tensorboard:
