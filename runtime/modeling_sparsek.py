@@ -62,8 +62,10 @@ class SparseKScorer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``hidden_states [B, L, hidden]``, ``positions [B, L]`` -> scores ``[B, Hkv, L]`` (float32)."""
-        u = nn.functional.linear(hidden_states.float(), self.weight.float(), self.bias.float())
-        u = u + self.alpha * positions.to(u.device, torch.float32)[..., None]
+        # Scores stay float32 even under autocast: positions reach 10^6 (SPEC 1.1).
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            u = nn.functional.linear(hidden_states.float(), self.weight.float(), self.bias.float())
+            u = u + self.alpha * positions.to(u.device, torch.float32)[..., None]
         return u.transpose(1, 2)
 
 

@@ -162,3 +162,13 @@ def test_invalid_hyper_parameters_are_rejected():
         _pair("llama", "sparsek", sparsek_topk=0)
     with pytest.raises(ValueError, match="sparse_method must be one of"):
         _pair("llama", "bogus")
+
+
+def test_scores_stay_float32_under_autocast():
+    _, model = _pair("llama", "sparsek", seed=17)
+    scorer = model.model.layers[0].self_attn.scorer
+    x = torch.randn(1, 5, TINY["hidden_size"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = scorer(x, torch.arange(5)[None] + 10**6)
+    assert u.dtype == torch.float32
+    torch.testing.assert_close(u, scorer(x, torch.arange(5)[None] + 10**6))
