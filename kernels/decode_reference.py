@@ -88,7 +88,7 @@ def capped_simplex_threshold(z: torch.Tensor, valid: torch.Tensor, k: int) -> to
         return torch.full(z.shape[:-1], float("-inf"), dtype=torch.float64, device=z.device)
     n = z.shape[-1]
     zd = z.to(torch.float64)
-    neg = torch.tensor(float("-inf"), dtype=torch.float64, device=z.device)
+    neg = torch.full((), float("-inf"), dtype=torch.float64, device=z.device)  # no host copy: capturable
     zm = torch.where(valid, zd, neg)
     top = zm.amax(-1, keepdim=True)
     shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -114,7 +114,7 @@ def capped_simplex_threshold(z: torch.Tensor, valid: torch.Tensor, k: int) -> to
     ok = finite & (fb >= k)
     t_lo = torch.where(ok, bpts, neg).amax(-1, keepdim=True)
     t_lo_f = torch.where(torch.isfinite(t_lo), t_lo, torch.zeros_like(t_lo))
-    pos_inf = torch.tensor(float("inf"), dtype=torch.float64, device=z.device)
+    pos_inf = torch.full((), float("inf"), dtype=torch.float64, device=z.device)
     t_hi = torch.where(finite & (fb < k) & (bpts > t_lo_f), bpts, pos_inf).amin(-1, keepdim=True)
     t_hi = torch.where(torch.isfinite(t_hi), t_hi, t_lo_f + 1)
     # which entries are 1 / fractional on (t_lo, t_hi): decided at the midpoint, so that

@@ -166,7 +166,7 @@ def gated_decode_attention_triton(
         valid_u8.stride(0), valid_u8.stride(1), valid_u8.stride(2),
         HKV=hkv, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=block_n,
         HAS_GATES=gates is not None, N_SPLITS=splits,
-        PREC="ieee" if k.dtype == torch.float32 else "tf32",
+        PREC="ieee" if k.dtype == torch.float32 else None,  # bf16/fp16: native tensor-core dot
     )
     _decode_combine_kernel[(b * hkv, g)](
         m_buf, l_buf, acc_buf, out,

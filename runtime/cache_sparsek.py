@@ -168,7 +168,9 @@ class BoundedCache(Cache):
 
     # the hook the attention function looks for (see modeling_sparsek.sparse_attention_forward)
     def sparse_attend(self, module, query, key, value, attention_mask, scaling, sparsek_scores=None):
-        with torch.no_grad():
+        # inference mode, always: buffers made under our loop's inference_mode can then still be
+        # updated when the same cache is driven by generate() (which uses no_grad)
+        with torch.inference_mode():
             return self.layers[module.layer_idx].attend(module, query, key, value, attention_mask, scaling, sparsek_scores)
 
     @property
