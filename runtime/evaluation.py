@@ -263,16 +263,21 @@ def selection_recall(model, token_batches: Iterable[torch.Tensor], progress: Pro
 
 
 def new_decode_cache(model):
-    """The cache used for decode in the consistency and speed checks.
+    """The cache used for decode in the consistency, passkey and speed checks: the one switch point.
 
-    Today transformers' own ``DynamicCache``: the converted model keeps its extra per-token state
-    (SparseK scores, CCA pooling queries) beside it, so prefill + decode runs the sparse method
-    exactly. It holds every token's K/V, so its measured size is the dense size; the bounded
-    size of the sparse caches (SPEC 1.5 / 2.4) is reported by :func:`bounded_cache_bytes`.
-    Swap this function to measure the package's bounded caches once they exist.
+    Sparse runs use the package's bounded cache for the model's method (``runtime.cache_*``,
+    SPEC 1.5 / 2.4), so the consistency check tests the real decode path and the measured cache
+    size is the bounded one. Dense runs (the same weights under SDPA, or a plain dense model) use
+    transformers' ``DynamicCache``.
     """
     from transformers import DynamicCache
 
+    from .modeling_sparsek import ATTENTION_NAME
+
+    if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME and hasattr(model, "sparse_settings"):
+        from .cache_cca import make_cache
+
+        return make_cache(model)
     try:
         return DynamicCache(config=model.config)
     except TypeError:  # older signature
@@ -280,7 +285,9 @@ def new_decode_cache(model):
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of every tensor held by a cache object (K/V of each layer plus sparse extras)."""
+    """Bytes of every tensor held by a cache object (K/V of each layer plus sparse extras).
+
+    Modules it refers to (a cache may keep the model's config or layers) are not counted."""
     seen: set[int] = set()
     total = 0
 
@@ -298,7 +305,7 @@ def cache_bytes(cache) -> int:
         elif isinstance(obj, (list, tuple)):
             for v in obj:
                 visit(v, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
             for v in vars(obj).values():
                 visit(v, depth + 1)
 

@@ -140,7 +140,7 @@ def quality_rows(report: dict) -> list[list[str]]:
     ]
 
 
-QUALITY_HEADERS = ["seq len", "seqs", "ppl dense", "ppl sparse", "increase", "KL(d||s)", "top-1 agree"]
+QUALITY_HEADERS = ["seq len", "seqs", "ppl dense", "ppl sparse", "increase", "KL(dense‖sparse)", "top-1 agree"]
 
 
 def format_report(report: dict) -> str:
@@ -165,7 +165,8 @@ def format_report(report: dict) -> str:
                       f"({cons['decode_steps']} decode steps after a {cons['prefill']}-token prefill)"]
     speed = report.get("speed")
     if speed:
-        headers = ["length", "prefill tok/s s/d", "decode tok/s s/d", "KV dense", "KV sparse (bound)", "cache held"]
+        headers = ["length", "prefill tok/s s/d", "decode tok/s s/d", "KV dense", "KV sparse (formula)",
+                   "cache held s/d"]
         rows = [
             [
                 str(s["length"]),
@@ -173,11 +174,12 @@ def format_report(report: dict) -> str:
                 f"{s['sparse']['decode_tokens_per_s']:.1f} / {s['dense']['decode_tokens_per_s']:.1f}",
                 _fmt_bytes(s["kv_bytes"]["dense"]),
                 _fmt_bytes(s["kv_bytes"].get("sparse")),
-                _fmt_bytes(s["sparse"]["cache_bytes_measured"]),
+                f"{_fmt_bytes(s['sparse']['cache_bytes_measured'])} / {_fmt_bytes(s['dense']['cache_bytes_measured'])}",
             ]
             for s in speed
         ]
-        parts += ["", f"Speed and memory ({speed[0]['cache']})", _table(headers, rows)]
+        parts += ["", f"Speed and memory (sparse/dense; caches {speed[0]['cache']} / {speed[0]['dense_cache']})",
+                  _table(headers, rows)]
     recall = report.get("selection_recall")
     if recall:
         per_layer = " ".join(_fmt(r, ".2f") for r in recall["per_layer"])

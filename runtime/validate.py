@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import evaluation, passkey, report, text_data
+from .dense_switch import dense_attention
 from .errors import CheckFailed, UserError
 from .loading import (
     load_model,
@@ -182,6 +183,10 @@ def run_validation(opts: ValidateOptions) -> dict:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     prog = _Progress(opts.progress)
+    if not opts.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     device = resolve_device(opts.device)
     folder = resolve_model_path(opts.source, opts.revision)
     model = load_model(str(folder), device=device, dtype=opts.dtype)
@@ -293,6 +298,8 @@ def run_validation(opts: ValidateOptions) -> dict:
             for n in plan["seq_lens"]:
                 ids = batches_by_len[n][0][:1]
                 row = {"length": n, "cache": type(evaluation.new_decode_cache(model)).__name__}
+                with dense_attention(model):
+                    row["dense_cache"] = type(evaluation.new_decode_cache(dense_model or model)).__name__
                 row["sparse"] = evaluation.measure_speed(model, ids, plan["decode_steps"]).as_dict()
                 bar.update(1)
                 if dense_model is not None:
