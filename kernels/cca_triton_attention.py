@@ -31,6 +31,8 @@ the value product, as in flash-attention.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -313,8 +315,17 @@ def _dkdv_kernel(
 
 # Block shapes: (BLOCK_M packed rows, BLOCK_N keys, num_warps, num_stages) per kernel.
 # The interpreter (CPU) gets tiny blocks so tests cover many tiles and boundaries.
-_INTERPRETER_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
+_INTERPRETER_CONFIG = {"fwd": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dkdv_split": (16, 16, 4, 1)}
 _CONFIG_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
+
+# Which dK/dV backward runs (module-level switch, env ``SPARSEK_CCA_DKDV`` at import):
+# "split": ``cca_triton_backward`` (one launch, core tiles heaviest-first across heads, long core
+#          query ranges cut into NSPLIT pieces summed in a fixed order, raw tiles as fillers);
+# "tiles": the first version, ``_dkdv_kernel`` per key tile, cores then raw keys.
+DKDV_IMPL = os.environ.get("SPARSEK_CCA_DKDV", "split")
+# Options of the "split" path: nsplit None = chosen from the shape (choose_nsplit); fuse = core
+# and raw work in one launch; two_pass = dV then dK with one accumulator live (5 products).
+SPLIT_OPTIONS: dict = {"nsplit": None, "fuse": True, "two_pass": False}
 
 
 def _config(kernel: str, d: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -323,11 +334,11 @@ def _config(kernel: str, d: int, device: torch.device) -> tuple[int, int, int, i
     if device.type != "cuda":
         return _INTERPRETER_CONFIG[kernel]
     if d <= 64:
-        return {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}[kernel]
+        return {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dkdv_split": (64, 64, 4, 2)}[kernel]
     if d <= 128:
         # dkdv with 128-key tiles: 134 ms vs 172 ms fwd+bwd at 128K on the H100 (docs/kernels_cca.md)
-        return {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)}[kernel]
-    return {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1)}[kernel]
+        return {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2), "dkdv_split": (64, 128, 8, 2)}[kernel]
+    return {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dkdv_split": (32, 32, 8, 1)}[kernel]
 
 
 def _rows_per_block(block_m: int, g: int) -> int:
@@ -392,6 +403,11 @@ class _CCAAttention(torch.autograd.Function):
                 lq, lk, n, group, window, scale * _LOG2E, scale,
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
             )
+            if DKDV_IMPL == "split":
+                _split_backward(q, k, v, k_core, v_core, do, lse, delta, dk, dv, dkc, dvc, seq, offs, group, window, scale)
+                return dq, dk, dv, dkc, dvc, None, None, None, None, None
+            if DKDV_IMPL != "tiles":
+                raise ValueError(f"DKDV_IMPL must be 'split' or 'tiles', got {DKDV_IMPL!r}")
             bm, bn, warps, stages = _config("dkdv", d, q.device)
             bm = _rows_per_block(bm, g)
             for kk, vv, dkk, dvv, nk, is_core in ((k_core, v_core, dkc, dvc, n, True), (k, v, dk, dv, lk, False)):
@@ -407,6 +423,25 @@ class _CCAAttention(torch.autograd.Function):
             for t in (dq, dk, dv, dkc, dvc):
                 t.zero_()
         return dq, dk, dv, dkc, dvc, None, None, None, None, None
+
+
+def _split_backward(q, k, v, k_core, v_core, do, lse, delta, dk, dv, dkc, dvc, seq, offs, group, window, scale):
+    from .cca_triton_backward import choose_nsplit, dkdv_split
+
+    b, h, lq, d = q.shape
+    hkv, lk, n = k.shape[1], k.shape[2], k_core.shape[2]
+    g = h // hkv
+    bm, bn, warps, stages = _config("dkdv_split", d, q.device)
+    bm = _rows_per_block(bm, g)
+    nsplit = SPLIT_OPTIONS.get("nsplit")
+    if nsplit is None:
+        slots = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 4
+        nsplit = choose_nsplit(lq, n, lk, group, window, bm // g, bn, b * hkv, slots)
+    dkdv_split(
+        q, k, v, k_core, v_core, do, lse, delta, dk, dv, dkc, dvc, seq, offs, group, window, scale, _LOG2E,
+        bm, bn, warps, stages, int(nsplit), two_pass=bool(SPLIT_OPTIONS.get("two_pass", False)),
+        fuse=bool(SPLIT_OPTIONS.get("fuse", True)),
+    )
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, window: int) -> None:

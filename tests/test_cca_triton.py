@@ -2,7 +2,8 @@
 
 CPU: the kernels run under the Triton interpreter (tests/conftest.py) in float32 and float16 on
 tiny shapes with tiny blocks (16 rows x 16 keys), so lengths, group sizes and windows cut through
-many tile boundaries. GPU (``-m gpu``): bfloat16 at larger shapes with flash-attention's rule.
+many tile boundaries. GPU (``-m gpu``): bfloat16 at larger shapes with flash-attention's rule, for both dK/dV backward
+paths (``DKDV_IMPL`` "split" and "tiles"), bit-identical repeated forward and backward.
 """
 
 from __future__ import annotations
@@ -197,6 +198,54 @@ def test_prefill_matches_reference(g_heads, hkv, lk, group, window, seqlens):
 
 
 @interpreter
+@pytest.mark.parametrize(
+    "impl,opts,g_heads,hkv,lk,lq,group,window,seqlens,q_offsets",
+    [
+        # core query ranges cut into 3 pieces (uneven last piece), padding + offsets, G=3
+        ("split", {"nsplit": 3}, 3, 1, 46, 14, 2, 5, [46, 37], [32, 22]),
+        # 5 pieces: several are empty for late core tiles; two launches; G=8
+        ("split", {"nsplit": 5, "fuse": False}, 8, 1, 40, 40, 2, 5, None, None),
+        # dV then dK (two passes), 2 pieces, MHA with 3 KV heads
+        ("split", {"nsplit": 2, "two_pass": True}, 1, 3, 41, 41, 3, 4, [41, 30], None),
+        # one piece (direct store, no reduction), G=4
+        ("split", {"nsplit": 1}, 4, 1, 39, 39, 2, 5, None, None),
+        # the committed per-tile backward stays selectable and correct
+        ("tiles", {}, 4, 1, 42, 20, 2, 5, [42, 35], [22, 15]),
+    ],
+)
+def test_dkdv_backward_variants(monkeypatch, impl, opts, g_heads, hkv, lk, lq, group, window, seqlens, q_offsets):
+    """Every dK/dV backward path against the reference, all five gradients (fp32)."""
+    from sparsek.kernels import cca_triton_attention as mod
+
+    monkeypatch.setattr(mod, "DKDV_IMPL", impl)
+    monkeypatch.setattr(mod, "SPLIT_OPTIONS", {"nsplit": None, "fuse": True, "two_pass": False, **opts})
+    gen = torch.Generator().manual_seed(lk * 7 + lq)
+    b, d = 2, 16
+    n = lk // group
+    q = _leaf(b, hkv * g_heads, lq, d, gen=gen)
+    k, v = _leaf(b, hkv, lk, d, gen=gen), _leaf(b, hkv, lk, d, gen=gen)
+    kc, vc = _leaf(b, hkv, n, d, gen=gen), _leaf(b, hkv, n, d, gen=gen)
+    sl = None if seqlens is None else torch.tensor(seqlens)
+    offs = None if q_offsets is None else torch.tensor(q_offsets)
+    grad_outs = [torch.randn(q.shape, generator=gen, dtype=torch.float64)]
+    inputs = [q, k, v, kc, vc]
+    got = _run(lambda *x: cca_attention_triton(*x, group, window, None, sl, offs), inputs, grad_outs)
+    want = _run(lambda *x: cca_attention_reference(*x, group, window, None, sl, offs), inputs, grad_outs)
+    _assert_all_close(got[0] + got[1], want[0] + want[1])
+
+
+def test_choose_nsplit():
+    from sparsek.kernels.cca_triton_backward import choose_nsplit
+
+    # 128K, issue-3 shape, 132 SMs: enough work per SM that the longest core tile needs no cut
+    assert choose_nsplit(131072, 8192, 131072, 16, 1024, 16, 128, 8, 132) == 1
+    # 8K: 4 core tiles per head, far fewer programs than SMs: cut
+    assert choose_nsplit(8192, 512, 8192, 16, 1024, 16, 128, 8, 132) > 1
+    assert choose_nsplit(100, 0, 100, 16, 1024, 16, 128, 8, 132) == 1  # no cores
+    assert choose_nsplit(8192, 512, 8192, 16, 1024, 16, 128, 8, 10**6) == 8  # capped
+
+
+@interpreter
 @pytest.mark.slow
 def test_gpu_block_shapes_under_interpreter(monkeypatch):
     """The block shapes the GPU uses for d <= 128 (128/64-row blocks, 64/128-key tiles), so the
@@ -259,7 +308,11 @@ def test_rejects_bad_shapes():
         (8, 1, 520, 96, 7, 1024, None),  # s >= L: dense causal; d=96 padded
     ],
 )
-def test_gpu_prefill_bf16(g_heads, hkv, lk, d, group, window, seqlens):
+@pytest.mark.parametrize("impl", ["split", "tiles"])
+def test_gpu_prefill_bf16(monkeypatch, impl, g_heads, hkv, lk, d, group, window, seqlens):
+    from sparsek.kernels import cca_triton_attention as mod
+
+    monkeypatch.setattr(mod, "DKDV_IMPL", impl)
     gen = torch.Generator().manual_seed(lk)
     b = 2
     bf = dict(dtype=torch.bfloat16, device="cuda", gen=gen)
@@ -277,10 +330,18 @@ def test_gpu_prefill_bf16(g_heads, hkv, lk, d, group, window, seqlens):
         o1 = cca_prefill_triton(q, k, v, group, window, None, sl)
         o2 = cca_prefill_triton(q, k, v, group, window, None, sl)
     assert torch.equal(o1, o2), "forward is not deterministic"
+    g1 = torch.autograd.grad(cca_prefill_triton(q, k, v, group, window, None, sl), (q, k, v), grad_outs[0].to(q.dtype))
+    g2 = torch.autograd.grad(cca_prefill_triton(q, k, v, group, window, None, sl), (q, k, v), grad_outs[0].to(q.dtype))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True)), "backward is not deterministic"
 
 
 @pytest.mark.gpu
-def test_gpu_attention_decode_offsets_bf16():
+@pytest.mark.parametrize("impl,nsplit", [("split", None), ("split", 3), ("tiles", None)])
+def test_gpu_attention_decode_offsets_bf16(monkeypatch, impl, nsplit):
+    from sparsek.kernels import cca_triton_attention as mod
+
+    monkeypatch.setattr(mod, "DKDV_IMPL", impl)
+    monkeypatch.setattr(mod, "SPLIT_OPTIONS", {"nsplit": nsplit, "fuse": True, "two_pass": False})
     gen = torch.Generator().manual_seed(11)
     b, hkv, g_heads, lk, lq, d, group, window = 3, 2, 4, 900, 77, 128, 16, 256
     n = lk // group
