@@ -5,6 +5,13 @@ check, runnable as ``python -m sparsek.kernels.cca_triton_bench [L ...]``. Shape
 B=1, H=32, Hkv=8, d=128, bf16, g=16, s=1024. FLOPs: 4*d per (query head, visible key) for the
 forward, x3.5 for forward+backward (the flash-attention convention, recomputation not counted);
 CCA counts only the keys it needs (visible cores + raw window), dense counts the causal triangle.
+
+It times both dK/dV backward paths of ``cca_triton_attention`` (``DKDV_IMPL``: "split" and
+"tiles", the default marked) at every length, and a few options of the split path at the longest
+length; the forward is the same kernel for all of them (timed once). At the shortest length it
+also prints the relative difference between the two paths' gradients. The last lines are a
+markdown table. ``CCA_BENCH_PROFILE=1``: a CUDA profile of one default forward+backward at the
+longest length.
 """
 
 from __future__ import annotations
@@ -22,18 +29,38 @@ def cca_visits(length: int, group: int, window: int) -> int:
     return int((p + (i - p * group + 1)).sum().item())
 
 
+def _variants(longest: bool) -> list[tuple[str, str, dict, dict]]:
+    """(name, DKDV_IMPL, SPLIT_OPTIONS, block-shape override) of the dK/dV backwards to time.
+    Both paths at every length; a few options of the split path at the longest length only."""
+    from .cca_triton_attention import DKDV_IMPL
+
+    other = "tiles" if DKDV_IMPL == "split" else "split"
+    auto = {"nsplit": None, "fuse": True, "two_pass": False}
+    out = [(f"{DKDV_IMPL} (default)", DKDV_IMPL, auto, {}), (other, other, auto, {})]
+    if longest:
+        out += [
+            ("split nsplit=2", "split", {**auto, "nsplit": 2}, {}),
+            ("split 2 launches", "split", {**auto, "fuse": False}, {}),
+            ("split two-pass", "split", {**auto, "two_pass": True}, {}),
+            ("split 64x64 w8", "split", auto, {"dkdv_split": (64, 64, 8, 2)}),
+        ]
+    return out
+
+
 def main(lengths: list[int]) -> None:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .cca_triton_attention import _CONFIG_OVERRIDE, cca_prefill_triton
+    from . import cca_triton_attention as mod
 
     b, h, hkv, d, group, window = 1, 32, 8, 128, 16, 1024
     dev = "cuda"
+    saved = (mod.DKDV_IMPL, dict(mod.SPLIT_OPTIONS))
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(f"default dK/dV backward: DKDV_IMPL={mod.DKDV_IMPL!r} (env SPARSEK_CCA_DKDV)", flush=True)
 
     def bench(fn):
-        return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=500, return_mode="median")  # >= 3 repeats at 128K
 
     def one_length(length: int, rows: list) -> None:
         torch.manual_seed(0)
@@ -46,37 +73,40 @@ def main(lengths: list[int]) -> None:
 
         def cca_fwd():
             with torch.no_grad():
-                cca_prefill_triton(q, k, v, group, window)
+                mod.cca_prefill_triton(q, k, v, group, window)
 
         def cca_fb():
-            o = cca_prefill_triton(q, k, v, group, window)
-            torch.autograd.grad(o, (q, k, v), do)
+            o = mod.cca_prefill_triton(q, k, v, group, window)
+            return torch.autograd.grad(o, (q, k, v), do)
 
-        variants = [("default", {})]
-        if os.environ.get("CCA_BENCH_VARIANTS") == "1" and length == max(lengths):
-            variants += [
-                ("fwd64x64w4", {"fwd": (64, 64, 4, 3)}),
-                ("fwd128x128w8", {"fwd": (128, 128, 8, 2)}),
-                ("dq64x64w4", {"dq": (64, 64, 4, 2)}),
-                ("dq128x32w8", {"dq": (128, 32, 8, 3)}),
-                ("dkdv128x64w8", {"dkdv": (128, 64, 8, 2)}),
-                ("dkdv64x128w8", {"dkdv": (64, 128, 8, 2)}),
-                ("dkdv32x128w4", {"dkdv": (32, 128, 4, 3)}),
-            ]
-        for name, cfg in variants:
-            _CONFIG_OVERRIDE.clear()
-            _CONFIG_OVERRIDE.update(cfg)
+        t_fwd = bench(cca_fwd)  # the forward is the same kernel for every backward variant
+        grads = {}
+        for name, impl, opts, cfg in _variants(length == max(lengths)):
+            mod.DKDV_IMPL = impl
+            mod.SPLIT_OPTIONS.clear()
+            mod.SPLIT_OPTIONS.update(opts)
+            mod._CONFIG_OVERRIDE.clear()
+            mod._CONFIG_OVERRIDE.update(cfg)
             try:
-                t_f = bench(cca_fwd)
+                if length == min(lengths) and impl not in grads:
+                    grads[impl] = cca_fb()
                 torch.cuda.reset_peak_memory_stats()
                 t_fb = bench(cca_fb)
             except Exception as exc:  # a block shape that does not fit (shared memory): report, go on
                 print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**30
-            rows.append((length, f"cca[{name}]", t_f, t_fb, fwd_flops, peak))
+            rows.append((length, f"cca {name}", t_fwd, t_fb, fwd_flops, peak))
             print(rows[-1], flush=True)
-        _CONFIG_OVERRIDE.clear()
+        mod.DKDV_IMPL = saved[0]
+        mod.SPLIT_OPTIONS.clear()
+        mod.SPLIT_OPTIONS.update(saved[1])
+        mod._CONFIG_OVERRIDE.clear()
+        if len(grads) == 2:
+            a, c = grads["split"], grads["tiles"]
+            rel = [((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a, c, strict=True)]
+            print(f"L={length}: split vs tiles gradients, relative L2 difference dq/dk/dv: "
+                  + " ".join(f"{r:.1e}" for r in rel), flush=True)
 
         if os.environ.get("CCA_BENCH_PROFILE") == "1" and length == max(lengths):
             from torch.profiler import ProfilerActivity, profile
@@ -107,25 +137,18 @@ def main(lengths: list[int]) -> None:
         rows.append((length, "sdpa-cudnn", t_f, t_fb, dense_flops, peak))
         print(rows[-1], flush=True)
 
-
     rows: list = []
     for length in lengths:
         one_length(length, rows)
         torch.cuda.empty_cache()
 
-    print(f"{'L':>7} {'op':<20} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} {'peak GiB':>9}")
+    dense = {r[0]: r for r in rows if r[1] == "sdpa-cudnn"}
+    print("\n| L | op | fwd ms | f+b ms | f+b TFLOP/s | peak GiB | f+b speed-up vs cuDNN |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for length, name, t_f, t_fb, flops, peak in rows:
         print(
-            f"{length:>7} {name:<20} {t_f:>9.2f} {t_fb:>9.2f} {flops / t_f / 1e9:>9.1f} "
-            f"{3.5 * flops / t_fb / 1e9:>9.1f} {peak:>9.2f}"
-        )
-    by = {(r[0], r[1]): r for r in rows}
-    for length in lengths:
-        dense = by[(length, "sdpa-cudnn")]
-        cca = by[(length, "cca[default]")]
-        print(
-            f"L={length}: cca speed-up vs cuDNN fwd {dense[2] / cca[2]:.2f}x, fwd+bwd {dense[3] / cca[3]:.2f}x; "
-            f"f+b TFLOP/s ratio {(3.5 * cca[4] / cca[3]) / (3.5 * dense[4] / dense[3]):.2f}"
+            f"| {length} | {name} | {t_f:.2f} | {t_fb:.2f} | {3.5 * flops / t_fb / 1e9:.0f} | {peak:.2f} "
+            f"| {dense[length][3] / t_fb:.2f}x |"
         )
 
 
