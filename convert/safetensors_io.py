@@ -112,6 +112,7 @@ class OutTensor:
     shape: tuple[int, ...]
     nbytes: int
     write: Callable[[BinaryIO, Progress], None]
+    copied_from: tuple[Path, int] | None = None  # (file, offset) when the bytes are an unchanged copy
 
 
 def copy_range(src: Path, start: int, nbytes: int) -> Callable[[BinaryIO, Progress], None]:
@@ -201,9 +202,26 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
-        for t in tensors:
+        for run in _coalesce(tensors):
             before = out.tell()
-            t.write(out, progress)
-            if out.tell() - before != t.nbytes:
-                raise OSError(f"wrote {out.tell() - before} bytes for {t.name}, expected {t.nbytes}")
+            run.write(out, progress)
+            if out.tell() - before != run.nbytes:
+                raise OSError(f"wrote {out.tell() - before} bytes for {run.name}, expected {run.nbytes}")
     return 8 + len(raw) + offset
+
+
+def _coalesce(tensors: list[OutTensor]) -> list[OutTensor]:
+    """Merge back-to-back unchanged copies from one file into one kernel copy (fewer syscalls)."""
+    merged: list[OutTensor] = []
+    for t in tensors:
+        prev = merged[-1] if merged else None
+        if (
+            prev is not None and t.copied_from is not None and prev.copied_from is not None
+            and prev.copied_from[0] == t.copied_from[0] and prev.copied_from[1] + prev.nbytes == t.copied_from[1]
+        ):
+            path, start = prev.copied_from
+            nbytes = prev.nbytes + t.nbytes
+            merged[-1] = OutTensor(f"{prev.name}..{t.name}", "", (), nbytes, copy_range(path, start, nbytes), (path, start))
+        else:
+            merged.append(t)
+    return merged

