@@ -16,6 +16,8 @@ from .configuration_sparsek import SUPPORTED_ARCHITECTURES
 from .errors import UserError
 from .registry import register_auto_classes
 
+register_auto_classes()
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 

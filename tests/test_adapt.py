@@ -18,14 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sparsek.runtime  # noqa: F401  (registers the converted classes)
 from sparsek.convert.adapt_config import AdaptConfig, resolve_config
 from sparsek.convert.adapt_data import TrainStream, collate, iter_pieces, iter_rows, list_files
 from sparsek.convert.adapt_train import SimulatedKill, run_adapt
 from sparsek.kernels.sparsek_recall import sparsek_selection_recall
 from sparsek.kernels.sparsek_reference import topk_mask
 from sparsek.kernels.sparsek_scorer_loss import sample_queries, sparsek_scorer_loss
+from sparsek.runtime import register_auto_classes
 from sparsek.runtime.errors import UserError
+
+register_auto_classes()  # AutoModelForCausalLM knows the converted classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
