@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_options import dot_options
+
 _LOG2E = 1.4426950408889634
 
 
@@ -370,6 +372,7 @@ class _CCAAttention(torch.autograd.Function):
                 lq, lk, n, group, window, scale * _LOG2E,
                 H=h, HKV=hkv, G=g, D=d, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
                 HAS_SEQ=seq is not None, HAS_OFF=offs is not None, num_warps=warps, num_stages=stages,
+                **dot_options(q.dtype),
             )
         ctx.save_for_backward(q, k, v, k_core, v_core, o, lse, seq, offs)
         ctx.group, ctx.window, ctx.scale = group, window, scale
@@ -401,7 +404,7 @@ class _CCAAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 k_core.stride(0), k_core.stride(1), k_core.stride(2),
                 lq, lk, n, group, window, scale * _LOG2E, scale,
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common, **dot_options(q.dtype),
             )
             if DKDV_IMPL == "split":
                 _split_backward(q, k, v, k_core, v_core, do, lse, delta, dk, dv, dkc, dvc, seq, offs, group, window, scale)
@@ -418,6 +421,7 @@ class _CCAAttention(torch.autograd.Function):
                     q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
                     lq, lk, nk, group, window, scale * _LOG2E, scale,
                     BLOCK_M=bm, BLOCK_N=bn, IS_CORE=is_core, num_warps=warps, num_stages=stages, **common,
+                    **dot_options(q.dtype),
                 )
         else:
             for t in (dq, dk, dv, dkc, dvc):

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .cca_triton_attention import _n_cores
+from .triton_options import dot_options
 
 
 @triton.jit
@@ -282,7 +283,7 @@ def dkdv_split(
             lq, lk, n, n_core_tiles, pid_base, group, window, scale * log2e, scale,
             H=h, HKV=hkv, BH=bh, G=g, D=d, DP=dp, BLOCK_M=block_m, BLOCK_N=block_n, NSPLIT=nsplit,
             HAS_SEQ=seq is not None, HAS_OFF=offs is not None, TWO_PASS=two_pass,
-            PART=part, num_warps=num_warps, num_stages=num_stages,
+            PART=part, num_warps=num_warps, num_stages=num_stages, **dot_options(q.dtype),
         )
     if nsplit > 1:
         block_r = 16 if q.device.type != "cuda" else 64
