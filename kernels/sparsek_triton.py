@@ -2,9 +2,11 @@
 
 Pipeline (all GPU work, no Python loops over tokens):
 
-1. :func:`sparsek_thresholds` -> per query ``tau`` (SPARSEK threshold), ``theta`` (top-k
-   boundary with ties toward newer keys) and ``|F|`` (fractional candidates);
-2. :func:`sparsek_block_lists` -> per query block the compacted ``S_{i0}``;
+1. :func:`sparsek_selection` -> per query ``tau`` (SPARSEK threshold), ``theta`` (top-k
+   boundary with ties toward newer keys) and ``|F|`` (fractional candidates): exact at a few
+   anchor queries, then band levels in between (linear in practice, see its module);
+2. :func:`sparsek_block_lists` -> per query block the compacted ``S_{i0}``, filtered from the last
+   band level's interval lists;
 3. forward kernel over list + window; backward kernel for dq, dk, dv and the gate part of
    d(scores);
 4. the SPARSEK mean term of d(scores) (SPEC 1.3): ``dz_j -= sum_i [j in F_i] m_i`` with
@@ -22,7 +24,7 @@ import triton
 
 from .sparsek_reference import _check_shapes
 from .sparsek_triton_attn import _sparsek_bwd_kernel, _sparsek_fwd_kernel
-from .sparsek_triton_select import sparsek_block_lists, sparsek_thresholds
+from .sparsek_triton_select import sparsek_block_lists, sparsek_selection
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -32,17 +34,21 @@ def _config(g: int, d: int, dtype: torch.dtype) -> dict:
     if _INTERPRET:
         bm = 16 if g <= 8 else 32
         return {"BM": bm, "BN": 16, "SEL_BQ": 64, "SEL_BN": 32, "LIST_BN": 32, "warps": 1, "stages": 1,
-                "bwd_BN": 16, "bwd_warps": 1}
+                "bwd_BN": 16, "bwd_warps": 1,
+                "sel": {"anchor_block_q": 4, "anchor_block_n": 32, "build_block_n": 32, "band_block_q": 16,
+                        "band_block_e": 16}}
     bm = 128 if d <= 128 else 64
     bn = 64 if d <= 128 else 32
     return {"BM": bm, "BN": bn, "SEL_BQ": 32, "SEL_BN": 256, "LIST_BN": 1024, "warps": 8, "stages": 2,
-            "bwd_BN": 32 if d <= 128 else 16, "bwd_warps": 8}
+            "bwd_BN": 32 if d <= 128 else 16, "bwd_warps": 8,
+            "sel": {"anchor_block_q": 4, "anchor_block_n": 1024, "build_block_n": 1024, "band_block_q": 32,
+                    "band_block_e": 64}}
 
 
 class _Plan:
     """Everything the forward computes once and the backward reuses."""
 
-    def __init__(self, q, k, scores, topk, window, seqlens, q_offsets):
+    def __init__(self, q, k, scores, topk, window, seqlens, q_offsets, strides=None):
         b, h, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         self.b, self.h, self.hkv, self.g, self.lq, self.lk, self.d = b, h, hkv, h // hkv, lq, lk, d
@@ -59,14 +65,16 @@ class _Plan:
         self.bq = max(1, self.cfg["BM"] // self.g)
         self.topk, self.window = topk, window
         self.u = scores.detach().to(torch.float32).reshape(b * hkv, lk).contiguous()
+        self.strides = strides
 
     def select(self):
         c = self.cfg
-        self.tau, self.thu, self.thj, self.nfrac = sparsek_thresholds(
-            self.u, self.off, self.kvlen, self.lq, self.topk, self.window, self.hkv, c["SEL_BQ"], c["SEL_BN"])
+        sel = sparsek_selection(self.u, self.off, self.kvlen, self.lq, self.topk, self.window, self.hkv,
+                                self.strides, c["SEL_BQ"], c["SEL_BN"], **c["sel"])
+        self.tau, self.thu, self.thj, self.nfrac = sel.tau, sel.thu, sel.thj, sel.nfrac
         self.idx, self.cnt = sparsek_block_lists(
             self.u, self.off, self.kvlen, self.thu, self.thj, self.lq, self.topk, self.window, self.hkv,
-            self.bq, c["LIST_BN"])
+            self.bq, c["LIST_BN"], sel.lists)
         self.nblocks = self.idx.shape[1]
         self.cap = self.idx.shape[2]
 

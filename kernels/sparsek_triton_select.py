@@ -1,28 +1,56 @@
 """SparseK selection on the GPU (SPEC 1.2-1.3): per-query thresholds and per-block key lists.
 
 For every query ``i`` (per batch row and KV head) the candidates are the prefix
-``C_i = [0, c_i]`` with ``c_i = pos_i - window``. Two numbers describe everything the attention
-needs about ``C_i``:
+``C_i = [0, n_i)`` with ``n_i = clamp(pos_i - window + 1, 0, kv_len)``. Two numbers describe
+everything the attention needs about ``C_i``:
 
 * ``tau_i``: the SPARSEK threshold (gate of a selected key ``j`` is ``clip(u_j - tau_i, 0, 1)``);
 * ``theta_i = (theta_u, theta_j)``: the k-th largest ``(u, j)`` pair in lexicographic order, so
   that ``j in S_i`` iff ``u_j > theta_u or (u_j == theta_u and j >= theta_j)``; this encodes
   the top-k with ties broken toward the larger (newer) ``j`` without materialising ``S_i``.
 
-Both are found by bisection on the *ordered integer image* of float32 (a monotone bijection), so
-32 halvings always reach adjacent floats: ``theta_u`` comes out as exactly the k-th largest
-value, and ``tau`` is then made exact by the closed-form step of :mod:`sparsek_projection`.
-A program handles a tile of queries and streams the prefix once per halving; all queries of the
-tile share those loads.
+**Full path** (:func:`_full_select`): bisection on the *ordered integer image* of float32 (a
+monotone bijection), so 32 halvings always reach adjacent floats: ``theta_u`` comes out as exactly
+the k-th largest value, and ``tau`` is then made exact by the closed-form step of
+:mod:`sparsek_projection` (taken relative to the bisection point, so the sum of fractional parts
+stays in ``(0, 1)`` per term and keeps float32 precision at any position). It streams the whole
+prefix ~36 times per query tile: O(L^2), so it is only used at a few anchor queries.
+
+**Band path** (why selection is sub-quadratic). ``n_i`` only grows with ``i``, so between two
+queries ``a < b`` whose results are known, every ``i`` in ``[a, b]`` has ``tau_a <= tau_i <= tau_b``
+and ``theta_a <= theta_i <= theta_b`` (candidates are only added). With the bracket
+``[tlo, thi]`` (``tau_a``/``tau_b`` widened by a small margin), a key with ``u - thi >= 1`` is
+clipped to 1 for every ``t`` in the bracket, one with ``u - tlo <= 0`` to 0, and one with
+``u - thi > 0`` and ``u - tlo < 1`` is fractional, ``u - t``, throughout (``fl(u - t)`` is monotone
+in ``t``, so these classes hold in float32 too); only the "edge" keys (``u`` within the bracket
+width of ``tlo``/``thi``, or of ``tlo + 1``/``thi + 1``) need per-query work. Likewise for theta:
+keys above ``theta_b`` are always counted, keys below ``theta_a`` never, and only the keys in
+``[theta_a, theta_b]`` matter. One streaming pass per interval (``_band_build_kernel``) counts and
+sums the constant classes of the common prefix ``[0, n_a)`` and compacts the edge keys of
+``[0, n_b)``; each query then adds the constant classes of its own tail ``[n_a, n_i)`` (at most
+``b - a`` keys) and bisects over the edge keys only (``_band_select_kernel``), with the same
+closed-form step. Every query checks that the bracket is valid for it (``f(tlo) >= k > f(thi)``
+and the same for the counts) and a tile falls back to the full path if not, or if an edge list
+overflowed its capacity, or if ``a`` has at most ``k`` candidates, so the result never depends on
+the margin or on the score distribution: only the speed does.
+
+The known queries come in levels: the full path at every ``strides[0]``-th query (and the last
+one), then each level ``l`` fills the queries at every ``strides[l]``-th position between those
+of level ``l - 1`` (e.g. ``4096 -> 256 -> 1``): the work is
+``O(L^2 / strides[0]) + O(L * (edges + strides[l-1]))``, linear in practice.
 
 Why a per-block list: ``C_i`` only grows with ``i``, so a key of the common prefix
 ``C_{i0}`` of a query block that is selected by any query ``i >= i0`` is already in ``S_{i0}``
 (a subset cannot rank it lower). A block of queries therefore works on ``S_{i0}`` (at most ``k``
 keys, compacted here in increasing ``j``) plus the contiguous range ``(c_{i0}, pos_last]``,
-which holds the window and the few candidates that enter inside the block.
+which holds the window and the few candidates that enter inside the block. ``S_{i0}`` is filtered
+from the last level's interval list ``{j < n_b : u_j >= theta_a}`` (about ``k`` + the theta band
+keys) instead of the whole prefix.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,181 +71,590 @@ def _from_key(kk):
 
 
 @triton.jit
-def _select_kernel(
+def _n_cand(qi, off, kvlen, window):
+    return tl.minimum(tl.maximum(off + qi - window + 1, 0), kvlen)
+
+
+@triton.jit
+def _full_select(ub, n, topk, BQ: tl.constexpr, BN: tl.constexpr):
+    """Exact ``tau, theta_u, theta_j, |F|`` for the prefixes ``[0, n)`` by streaming them (O(n) x 36)."""
+    big = n > topk
+    kf = topk * 1.0
+    tau = tl.full([BQ], float("-inf"), tl.float32)
+    thu = tl.full([BQ], float("-inf"), tl.float32)
+    thj = tl.zeros([BQ], tl.int32)
+    nfr = tl.zeros([BQ], tl.int32)
+    nmax = tl.max(n, 0)
+    if nmax > topk:
+        # scan 0: prefix minimum and maximum
+        mx = tl.full([BQ], float("-inf"), tl.float32)
+        mn = tl.full([BQ], float("inf"), tl.float32)
+        for j0 in range(0, nmax, BN):
+            j = j0 + tl.arange(0, BN)
+            u = tl.load(ub + j, mask=j < nmax, other=0.0)
+            inp = j[None, :] < n[:, None]
+            mx = tl.maximum(mx, tl.max(tl.where(inp, u[None, :], float("-inf")), 1))
+            mn = tl.minimum(mn, tl.min(tl.where(inp, u[None, :], float("inf")), 1))
+        mx = tl.where(big, mx, 1.0)
+        mn = tl.where(big, mn, 0.0)
+        # tau: f(t) = sum clip(u - t, 0, 1), invariant f(lo) >= k > f(hi)
+        lo_t = _to_key(mn - 2.0)
+        hi_t = _to_key(mx)
+        # theta: c(t) = #{u >= t}, invariant c(lo) >= k > c(hi)
+        lo_c = _to_key(mn)
+        hi_c = _to_key(mx) + 1
+        for _it in range(32):
+            mid_t = lo_t + (hi_t - lo_t) // 2
+            mid_c = lo_c + (hi_c - lo_c) // 2
+            # _from_key, inlined (a helper call per iteration is slow under the interpreter)
+            bt = mid_t.to(tl.int32)
+            tt = (bt ^ ((bt >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            bc = mid_c.to(tl.int32)
+            tc = (bc ^ ((bc >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            f = tl.zeros([BQ], tl.float32)
+            c = tl.zeros([BQ], tl.int32)
+            for j0 in range(0, nmax, BN):
+                j = j0 + tl.arange(0, BN)
+                u = tl.load(ub + j, mask=j < nmax, other=0.0)
+                inp = j[None, :] < n[:, None]
+                p = tl.minimum(tl.maximum(u[None, :] - tt[:, None], 0.0), 1.0)
+                f += tl.sum(tl.where(inp, p, 0.0), 1)
+                c += tl.sum((inp & (u[None, :] >= tc[:, None])).to(tl.int32), 1)
+            ge = f >= kf
+            lo_t = tl.where(ge, mid_t, lo_t)
+            hi_t = tl.where(ge, hi_t, mid_t)
+            gc = c >= topk
+            lo_c = tl.where(gc, mid_c, lo_c)
+            hi_c = tl.where(gc, hi_c, mid_c)
+        tau0 = _from_key(lo_t)
+        th = _from_key(lo_c)
+
+        # closed-form step at tau0 (relative to the row maximum, as the reference), tie statistics
+        n_one = tl.zeros([BQ], tl.float32)
+        n_fr = tl.zeros([BQ], tl.float32)
+        s_fr = tl.zeros([BQ], tl.float32)
+        above = tl.zeros([BQ], tl.int32)
+        ties = tl.zeros([BQ], tl.int32)
+        for j0 in range(0, nmax, BN):
+            j = j0 + tl.arange(0, BN)
+            u = tl.load(ub + j, mask=j < nmax, other=0.0)
+            inp = j[None, :] < n[:, None]
+            dlt = u[None, :] - tau0[:, None]
+            n_one += tl.sum((inp & (dlt >= 1.0)).to(tl.float32), 1)
+            fr = inp & (dlt > 0.0) & (dlt < 1.0)
+            n_fr += tl.sum(fr.to(tl.float32), 1)
+            s_fr += tl.sum(tl.where(fr, u[None, :] - mx[:, None], 0.0), 1)
+            above += tl.sum((inp & (u[None, :] > th[:, None])).to(tl.int32), 1)
+            ties += tl.sum((inp & (u[None, :] == th[:, None])).to(tl.int32), 1)
+        t_ex = mx + (n_one + s_fr - kf) / tl.maximum(n_fr, 1.0)
+        tau = tl.where(big, tl.where(n_fr > 0, t_ex, tau0), float("-inf"))
+        thu = tl.where(big, th, float("-inf"))
+
+        # number of fractional candidates at the final tau (the backward's |F_i|)
+        nf = tl.zeros([BQ], tl.int32)
+        for j0 in range(0, nmax, BN):
+            j = j0 + tl.arange(0, BN)
+            u = tl.load(ub + j, mask=j < nmax, other=0.0)
+            inp = j[None, :] < n[:, None]
+            dlt = u[None, :] - tau[:, None]
+            nf += tl.sum((inp & (dlt > 0.0) & (dlt < 1.0)).to(tl.int32), 1)
+        nfr = tl.where(big, nf, 0)
+
+        # ties at theta_u: keep the `need` newest; theta_j = largest t with #{ties, j >= t} >= need
+        need = topk - above
+        tie_rows = big & (ties > need)
+        if tl.max(tie_rows.to(tl.int32), 0) > 0:
+            lo_j = tl.zeros([BQ], tl.int32)
+            hi_j = n
+            for _it in range(32):
+                mid_j = lo_j + (hi_j - lo_j) // 2
+                cnt = tl.zeros([BQ], tl.int32)
+                for j0 in range(0, nmax, BN):
+                    j = j0 + tl.arange(0, BN)
+                    u = tl.load(ub + j, mask=j < nmax, other=0.0)
+                    inp = j[None, :] < n[:, None]
+                    hit = inp & (u[None, :] == th[:, None]) & (j[None, :] >= mid_j[:, None])
+                    cnt += tl.sum(hit.to(tl.int32), 1)
+                ok = cnt >= need
+                lo_j = tl.where(ok, mid_j, lo_j)
+                hi_j = tl.where(ok, hi_j, mid_j)
+            thj = tl.where(tie_rows, lo_j, 0)
+    return tau, thu, thj, nfr
+
+
+@triton.jit
+def _anchor_kernel(
     U, OFF, KVLEN, TAU, THU, THJ, NFRAC,
-    Lq, Lk, topk, window,
+    Lq, Lk, topk, window, stride, nq,
     BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr,
 ):
+    """Full path at queries ``min(t * stride, Lq - 1)``, ``t < nq`` (``stride == 1``: every query)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
-    qi = pid * BQ + tl.arange(0, BQ)
-    qmask = qi < Lq
-    pos = off + qi
-    # number of candidates (computed for every query, valid or not: block lists need it)
-    n = tl.minimum(tl.maximum(pos - window + 1, 0), kvlen)
-    n = tl.where(qmask, n, 0)
-    nmax = tl.max(n, 0)
+    t = pid * BQ + tl.arange(0, BQ)
+    tmask = t < nq
+    qi = tl.minimum(t * stride, Lq - 1)
+    n = tl.where(tmask, _n_cand(qi, off, kvlen, window), 0)
     ub = U + bh.to(tl.int64) * Lk
-    big = n > topk
-    kf = topk * 1.0
+    tau, thu, thj, nfr = _full_select(ub, n, topk, BQ, BN)
+    o = bh.to(tl.int64) * Lq + qi
+    tl.store(TAU + o, tau, mask=tmask)
+    tl.store(THU + o, thu, mask=tmask)
+    tl.store(THJ + o, thj, mask=tmask)
+    tl.store(NFRAC + o, nfr, mask=tmask)
 
-    # scan 0: prefix minimum and maximum
-    mx = tl.full([BQ], float("-inf"), tl.float32)
-    mn = tl.full([BQ], float("inf"), tl.float32)
-    for j0 in range(0, nmax, BN):
+
+@triton.jit
+def _margin(t):
+    """Bracket widening: absorbs float32 differences between the anchors' and a query's own tau."""
+    return tl.where(t > float("-inf"), 1e-3 + 1e-5 * tl.abs(t), 0.0)
+
+
+@triton.jit
+def _band_build_kernel(
+    U, OFF, KVLEN, TAU, THU, EJ, EU, FJ, FU, LJ, CF, CI,
+    Lq, Lk, window, S, M, CAP_E, CAP_F, CAP_L,
+    BUILD_LIST: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr,
+):
+    """One interval ``[a, b] = [m S, min((m + 1) S, Lq - 1)]``: constants of ``[0, n_a)`` and edge lists.
+
+    ``CF[., :4] = tlo, thi, sum_lin (u - shift), shift``; ``CI[., :6] = #one, #lin, #above theta_b,
+    #tau edges, #theta edges, #list`` (counts may exceed the capacities: the readers check).
+    """
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    off = tl.load(OFF + b)
+    kvlen = tl.load(KVLEN + b)
+    qa = m * S
+    qb = tl.minimum(qa + S, Lq - 1)
+    na = _n_cand(qa, off, kvlen, window)
+    nb = _n_cand(qb, off, kvlen, window)
+    so = bh.to(tl.int64) * Lq
+    tau_a = tl.load(TAU + so + qa)
+    tau_b = tl.load(TAU + so + qb)
+    clo = tl.load(THU + so + qa)
+    chi = tl.load(THU + so + qb)
+    tlo = tau_a - _margin(tau_a)
+    thi = tau_b + _margin(tau_b)
+    ub = U + bh.to(tl.int64) * Lk
+    slot = bh.to(tl.int64) * M + m
+    ejb = EJ + slot * CAP_E
+    eub = EU + slot * CAP_E
+    fjb = FJ + slot * CAP_F
+    fub = FU + slot * CAP_F
+    ljb = LJ + slot * CAP_L
+    # shift of the sums: the largest key of the common prefix (a score value, so u - shift is exact
+    # on quantised scores, as in the reference's row-maximum shift)
+    shift = tl.load(ub + tl.maximum(na - 1, 0)) * 0.0 + float("-inf")
+    for j0 in range(0, na, BN):
         j = j0 + tl.arange(0, BN)
-        u = tl.load(ub + j, mask=j < nmax, other=0.0)
-        inp = j[None, :] < n[:, None]
-        mx = tl.maximum(mx, tl.max(tl.where(inp, u[None, :], float("-inf")), 1))
-        mn = tl.minimum(mn, tl.min(tl.where(inp, u[None, :], float("inf")), 1))
-    mx = tl.where(big, mx, 1.0)
-    mn = tl.where(big, mn, 0.0)
-    # tau: f(t) = sum clip(u - t, 0, 1), invariant f(lo) >= k > f(hi)
-    lo_t = _to_key(mn - 2.0)
-    hi_t = _to_key(mx)
-    # theta: c(t) = #{u >= t}, invariant c(lo) >= k > c(hi)
-    lo_c = _to_key(mn)
-    hi_c = _to_key(mx) + 1
-    for _it in range(32):
-        mid_t = lo_t + (hi_t - lo_t) // 2
-        mid_c = lo_c + (hi_c - lo_c) // 2
-        tt = _from_key(mid_t)
-        tc = _from_key(mid_c)
-        f = tl.zeros([BQ], tl.float32)
-        c = tl.zeros([BQ], tl.int32)
-        for j0 in range(0, nmax, BN):
-            j = j0 + tl.arange(0, BN)
-            u = tl.load(ub + j, mask=j < nmax, other=0.0)
-            inp = j[None, :] < n[:, None]
-            p = tl.minimum(tl.maximum(u[None, :] - tt[:, None], 0.0), 1.0)
-            f += tl.sum(tl.where(inp, p, 0.0), 1)
-            c += tl.sum((inp & (u[None, :] >= tc[:, None])).to(tl.int32), 1)
-        ge = f >= kf
-        lo_t = tl.where(ge, mid_t, lo_t)
-        hi_t = tl.where(ge, hi_t, mid_t)
-        gc = c >= topk
-        lo_c = tl.where(gc, mid_c, lo_c)
-        hi_c = tl.where(gc, hi_c, mid_c)
-    tau0 = _from_key(lo_t)
-    thu = _from_key(lo_c)
-
-    # closed-form step at tau0, and the tie statistics of theta
-    n_one = tl.zeros([BQ], tl.float32)
-    n_fr = tl.zeros([BQ], tl.float32)
-    s_fr = tl.zeros([BQ], tl.float32)
-    above = tl.zeros([BQ], tl.int32)
-    ties = tl.zeros([BQ], tl.int32)
-    for j0 in range(0, nmax, BN):
+        shift = tl.maximum(shift, tl.max(tl.load(ub + j, mask=j < na, other=float("-inf")), 0))
+    shift = tl.where(shift > float("-inf"), shift, 0.0)
+    n1 = 0
+    nl = 0
+    na_ = 0
+    sl = 0.0
+    ce = 0
+    cf = 0
+    cl = 0
+    for j0 in range(0, nb, BN):
         j = j0 + tl.arange(0, BN)
-        u = tl.load(ub + j, mask=j < nmax, other=0.0)
-        inp = j[None, :] < n[:, None]
-        dlt = u[None, :] - tau0[:, None]
-        n_one += tl.sum((inp & (dlt >= 1.0)).to(tl.float32), 1)
-        fr = inp & (dlt > 0.0) & (dlt < 1.0)
-        n_fr += tl.sum(fr.to(tl.float32), 1)
-        s_fr += tl.sum(tl.where(fr, u[None, :], 0.0), 1)
-        above += tl.sum((inp & (u[None, :] > thu[:, None])).to(tl.int32), 1)
-        ties += tl.sum((inp & (u[None, :] == thu[:, None])).to(tl.int32), 1)
-    tau = tl.where(n_fr > 0, (n_one + s_fr - kf) / tl.maximum(n_fr, 1.0), tau0)
-    tau = tl.where(big, tau, float("-inf"))
-    thu = tl.where(big, thu, float("-inf"))
+        jm = j < nb
+        u = tl.load(ub + j, mask=jm, other=0.0)
+        d_hi = u - thi
+        d_lo = u - tlo
+        one = d_hi >= 1.0
+        zero = d_lo <= 0.0
+        lin = (d_hi > 0.0) & (d_lo < 1.0)
+        base = jm & (j < na)
+        n1 += tl.sum((base & one).to(tl.int32), 0)
+        nl += tl.sum((base & lin).to(tl.int32), 0)
+        sl += tl.sum(tl.where(base & lin, u - shift, 0.0), 0)
+        na_ += tl.sum((base & (u > chi)).to(tl.int32), 0)
+        te = jm & (one == 0) & (zero == 0) & (lin == 0)
+        ti = te.to(tl.int32)
+        ts = ce + tl.cumsum(ti, 0) - 1
+        tl.store(ejb + ts, j, mask=te & (ts < CAP_E))
+        tl.store(eub + ts, u, mask=te & (ts < CAP_E))
+        ce += tl.sum(ti, 0)
+        fe = jm & (u >= clo) & (u <= chi)
+        fi = fe.to(tl.int32)
+        fs = cf + tl.cumsum(fi, 0) - 1
+        tl.store(fjb + fs, j, mask=fe & (fs < CAP_F))
+        tl.store(fub + fs, u, mask=fe & (fs < CAP_F))
+        cf += tl.sum(fi, 0)
+        if BUILD_LIST:
+            le = jm & (u >= clo)
+            li = le.to(tl.int32)
+            ls = cl + tl.cumsum(li, 0) - 1
+            tl.store(ljb + ls, j, mask=le & (ls < CAP_L))
+            cl += tl.sum(li, 0)
+    tl.store(CF + slot * 4 + 0, tlo)
+    tl.store(CF + slot * 4 + 1, thi)
+    tl.store(CF + slot * 4 + 2, sl)
+    tl.store(CF + slot * 4 + 3, shift)
+    tl.store(CI + slot * 8 + 0, n1)
+    tl.store(CI + slot * 8 + 1, nl)
+    tl.store(CI + slot * 8 + 2, na_)
+    tl.store(CI + slot * 8 + 3, ce)
+    tl.store(CI + slot * 8 + 4, cf)
+    tl.store(CI + slot * 8 + 5, cl)
 
-    # number of fractional candidates at the final tau (the backward's |F_i|)
-    nf = tl.zeros([BQ], tl.int32)
-    for j0 in range(0, nmax, BN):
-        j = j0 + tl.arange(0, BN)
-        u = tl.load(ub + j, mask=j < nmax, other=0.0)
-        inp = j[None, :] < n[:, None]
-        dlt = u[None, :] - tau[:, None]
-        nf += tl.sum((inp & (dlt > 0.0) & (dlt < 1.0)).to(tl.int32), 1)
 
-    # ties at theta_u: keep the `need` newest; theta_j = largest t with #{ties, j >= t} >= need
-    need = topk - above
-    tie_rows = big & (ties > need)
-    thj = tl.zeros([BQ], tl.int32)
-    if tl.max(tie_rows.to(tl.int32), 0) > 0:
-        lo_j = tl.zeros([BQ], tl.int32)
-        hi_j = n
-        for _it in range(32):
-            mid_j = lo_j + (hi_j - lo_j) // 2
-            cnt = tl.zeros([BQ], tl.int32)
-            for j0 in range(0, nmax, BN):
+@triton.jit
+def _band_f(t, c1, cl, sl, s, ejb, eub, ce, n, BQ: tl.constexpr, BE: tl.constexpr):
+    """``f_i(t) = sum_{C_i} clip(u - t, 0, 1)`` from the constant classes plus the tau edge keys."""
+    f = c1.to(tl.float32) + sl - cl.to(tl.float32) * (t - s)
+    for e0 in range(0, ce, BE):
+        e = e0 + tl.arange(0, BE)
+        em = e < ce
+        ej = tl.load(ejb + e, mask=em, other=0)
+        eu = tl.load(eub + e, mask=em, other=0.0)
+        inp = em[None, :] & (ej[None, :] < n[:, None])
+        p = tl.minimum(tl.maximum(eu[None, :] - t[:, None], 0.0), 1.0)
+        f += tl.sum(tl.where(inp, p, 0.0), 1)
+    return f
+
+
+@triton.jit
+def _band_c(tc, ca, fjb, fub, cf, n, BE: tl.constexpr):
+    """``#{j in C_i : u_j >= tc}`` for ``tc`` in the theta bracket."""
+    c = ca
+    for e0 in range(0, cf, BE):
+        e = e0 + tl.arange(0, BE)
+        em = e < cf
+        fj = tl.load(fjb + e, mask=em, other=0)
+        fu = tl.load(fub + e, mask=em, other=0.0)
+        inp = em[None, :] & (fj[None, :] < n[:, None])
+        c += tl.sum((inp & (fu[None, :] >= tc[:, None])).to(tl.int32), 1)
+    return c
+
+
+@triton.jit
+def _band_select_kernel(
+    U, OFF, KVLEN, TAU, THU, THJ, NFRAC, EJ, EU, FJ, FU, CF, CI,
+    Lq, Lk, topk, window, S, R, M, TPI, CAP_E, CAP_F,
+    BQ: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, HKV: tl.constexpr,
+):
+    """Queries ``m S + t R`` (``1 <= t < S / R``, below ``Lq - 1``) of interval ``m`` from its bracket."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    m = pid // TPI
+    t = (pid % TPI) * BQ + tl.arange(0, BQ)
+    qi = m * S + t * R
+    tmask = (t >= 1) & (t * R < S) & (qi < Lq - 1)
+    if tl.max(tmask.to(tl.int32), 0) > 0:
+        b = bh // HKV
+        off = tl.load(OFF + b)
+        kvlen = tl.load(KVLEN + b)
+        n = tl.where(tmask, _n_cand(qi, off, kvlen, window), 0)
+        nmax = tl.max(n, 0)
+        kf = topk * 1.0
+        so = bh.to(tl.int64) * Lq
+        ub = U + bh.to(tl.int64) * Lk
+        qa = m * S
+        na = _n_cand(qa, off, kvlen, window)
+        tau_a = tl.load(TAU + so + qa)
+        clo = tl.load(THU + so + qa)
+        chi = tl.load(THU + so + tl.minimum(qa + S, Lq - 1))
+        slot = bh.to(tl.int64) * M + m
+        tlo = tl.load(CF + slot * 4 + 0)
+        thi = tl.load(CF + slot * 4 + 1)
+        sl0 = tl.load(CF + slot * 4 + 2)
+        shift = tl.load(CF + slot * 4 + 3)
+        ce = tl.load(CI + slot * 8 + 3)
+        cf = tl.load(CI + slot * 8 + 4)
+        ejb = EJ + slot * CAP_E
+        eub = EU + slot * CAP_E
+        fjb = FJ + slot * CAP_F
+        fub = FU + slot * CAP_F
+
+        tau = tl.full([BQ], float("-inf"), tl.float32)
+        thu = tl.full([BQ], float("-inf"), tl.float32)
+        thj = tl.zeros([BQ], tl.int32)
+        nfr = tl.zeros([BQ], tl.int32)
+        band_ok = (tau_a > float("-inf")) & (ce <= CAP_E) & (cf <= CAP_F)
+        if band_ok:
+            # constant classes: common prefix [0, n_a) + the query's own tail [n_a, n_i)
+            c1 = tl.zeros([BQ], tl.int32) + tl.load(CI + slot * 8 + 0)
+            cl = tl.zeros([BQ], tl.int32) + tl.load(CI + slot * 8 + 1)
+            ca = tl.zeros([BQ], tl.int32) + tl.load(CI + slot * 8 + 2)
+            sl = tl.zeros([BQ], tl.float32) + sl0
+            for j0 in range(na, nmax, BN):
                 j = j0 + tl.arange(0, BN)
                 u = tl.load(ub + j, mask=j < nmax, other=0.0)
                 inp = j[None, :] < n[:, None]
-                hit = inp & (u[None, :] == thu[:, None]) & (j[None, :] >= mid_j[:, None])
-                cnt += tl.sum(hit.to(tl.int32), 1)
-            ok = cnt >= need
-            lo_j = tl.where(ok, mid_j, lo_j)
-            hi_j = tl.where(ok, hi_j, mid_j)
-        thj = tl.where(tie_rows, lo_j, 0)
-
-    o = bh.to(tl.int64) * Lq + qi
-    tl.store(TAU + o, tau, mask=qmask)
-    tl.store(THU + o, thu, mask=qmask)
-    tl.store(THJ + o, thj, mask=qmask)
-    tl.store(NFRAC + o, tl.where(big, nf, 0), mask=qmask)
+                d_hi = u - thi
+                d_lo = u - tlo
+                lin = (d_hi > 0.0) & (d_lo < 1.0)
+                c1 += tl.sum((inp & (d_hi >= 1.0)[None, :]).to(tl.int32), 1)
+                cl += tl.sum((inp & lin[None, :]).to(tl.int32), 1)
+                sl += tl.sum(tl.where(inp & lin[None, :], (u - shift)[None, :], 0.0), 1)
+                ca += tl.sum((inp & (u > chi)[None, :]).to(tl.int32), 1)
+            # the bracket must hold for every query of the tile: f(tlo) >= k > f(thi), same for counts
+            lo_t = tl.zeros([BQ], tl.int64) + _to_key(tlo)
+            hi_t = tl.zeros([BQ], tl.int64) + _to_key(thi)
+            lo_c = tl.zeros([BQ], tl.int64) + _to_key(clo)
+            hi_c = tl.zeros([BQ], tl.int64) + _to_key(chi) + 1
+            f_lo = _band_f(_from_key(lo_t), c1, cl, sl, shift, ejb, eub, ce, n, BQ, BE)
+            f_hi = _band_f(_from_key(hi_t), c1, cl, sl, shift, ejb, eub, ce, n, BQ, BE)
+            c_lo = _band_c(_from_key(lo_c), ca, fjb, fub, cf, n, BE)
+            good = (f_lo >= kf) & (f_hi < kf) & (c_lo >= topk) & (ca < topk)
+            band_ok = tl.min((good | (tmask == 0)).to(tl.int32), 0) > 0
+            if band_ok:
+                # iterations: enough halvings for the wider of the two brackets (floor(log2) + 2)
+                span = tl.maximum(tl.max(hi_t - lo_t, 0), tl.max(hi_c - lo_c, 0))
+                lg = ((span.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
+                for _it in range(lg + 2):
+                    mid_t = lo_t + (hi_t - lo_t) // 2
+                    mid_c = lo_c + (hi_c - lo_c) // 2
+                    # _band_f and _band_c inlined (helper calls in a loop are slow under the interpreter)
+                    bt = mid_t.to(tl.int32)
+                    tt = (bt ^ ((bt >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+                    bc = mid_c.to(tl.int32)
+                    tc = (bc ^ ((bc >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+                    f = c1.to(tl.float32) + sl - cl.to(tl.float32) * (tt - shift)
+                    for e0 in range(0, ce, BE):
+                        e = e0 + tl.arange(0, BE)
+                        em = e < ce
+                        ej = tl.load(ejb + e, mask=em, other=0)
+                        eu = tl.load(eub + e, mask=em, other=0.0)
+                        inp = em[None, :] & (ej[None, :] < n[:, None])
+                        p = tl.minimum(tl.maximum(eu[None, :] - tt[:, None], 0.0), 1.0)
+                        f += tl.sum(tl.where(inp, p, 0.0), 1)
+                    c = ca
+                    for e0 in range(0, cf, BE):
+                        e = e0 + tl.arange(0, BE)
+                        em = e < cf
+                        fj = tl.load(fjb + e, mask=em, other=0)
+                        fu = tl.load(fub + e, mask=em, other=0.0)
+                        inp = em[None, :] & (fj[None, :] < n[:, None])
+                        c += tl.sum((inp & (fu[None, :] >= tc[:, None])).to(tl.int32), 1)
+                    ge = f >= kf
+                    lo_t = tl.where(ge, mid_t, lo_t)
+                    hi_t = tl.where(ge, hi_t, mid_t)
+                    gc = c >= topk
+                    lo_c = tl.where(gc, mid_c, lo_c)
+                    hi_c = tl.where(gc, hi_c, mid_c)
+                tau0 = _from_key(lo_t)
+                th = _from_key(lo_c)
+                # closed-form step (relative to the shift) on the sets at tau0
+                n_one = c1.to(tl.float32)
+                n_fr = cl.to(tl.float32)
+                s_fr = sl
+                for e0 in range(0, ce, BE):
+                    e = e0 + tl.arange(0, BE)
+                    em = e < ce
+                    ej = tl.load(ejb + e, mask=em, other=0)
+                    eu = tl.load(eub + e, mask=em, other=0.0)
+                    inp = em[None, :] & (ej[None, :] < n[:, None])
+                    dlt = eu[None, :] - tau0[:, None]
+                    n_one += tl.sum((inp & (dlt >= 1.0)).to(tl.float32), 1)
+                    fr = inp & (dlt > 0.0) & (dlt < 1.0)
+                    n_fr += tl.sum(fr.to(tl.float32), 1)
+                    s_fr += tl.sum(tl.where(fr, (eu - shift)[None, :], 0.0), 1)
+                t_ex = shift + (n_one + s_fr - kf) / tl.maximum(n_fr, 1.0)
+                tau = tl.where(n_fr > 0, t_ex, tau0)
+                tau = tl.minimum(tl.maximum(tau, tlo), thi)
+                # |F_i| at the final tau, theta tie statistics
+                nf = cl
+                for e0 in range(0, ce, BE):
+                    e = e0 + tl.arange(0, BE)
+                    em = e < ce
+                    ej = tl.load(ejb + e, mask=em, other=0)
+                    eu = tl.load(eub + e, mask=em, other=0.0)
+                    inp = em[None, :] & (ej[None, :] < n[:, None])
+                    dlt = eu[None, :] - tau[:, None]
+                    nf += tl.sum((inp & (dlt > 0.0) & (dlt < 1.0)).to(tl.int32), 1)
+                nfr = nf
+                above = ca
+                ties = tl.zeros([BQ], tl.int32)
+                for e0 in range(0, cf, BE):
+                    e = e0 + tl.arange(0, BE)
+                    em = e < cf
+                    fj = tl.load(fjb + e, mask=em, other=0)
+                    fu = tl.load(fub + e, mask=em, other=0.0)
+                    inp = em[None, :] & (fj[None, :] < n[:, None])
+                    above += tl.sum((inp & (fu[None, :] > th[:, None])).to(tl.int32), 1)
+                    ties += tl.sum((inp & (fu[None, :] == th[:, None])).to(tl.int32), 1)
+                thu = th
+                need = topk - above
+                tie_rows = tmask & (ties > need)
+                if tl.max(tie_rows.to(tl.int32), 0) > 0:
+                    lo_j = tl.zeros([BQ], tl.int32)
+                    hi_j = n
+                    for _it in range(32):
+                        mid_j = lo_j + (hi_j - lo_j) // 2
+                        cnt = tl.zeros([BQ], tl.int32)
+                        for e0 in range(0, cf, BE):
+                            e = e0 + tl.arange(0, BE)
+                            em = e < cf
+                            fj = tl.load(fjb + e, mask=em, other=0)
+                            fu = tl.load(fub + e, mask=em, other=0.0)
+                            hit = (em[None, :] & (fj[None, :] < n[:, None]) & (fu[None, :] == th[:, None])
+                                   & (fj[None, :] >= mid_j[:, None]))
+                            cnt += tl.sum(hit.to(tl.int32), 1)
+                        ok = cnt >= need
+                        lo_j = tl.where(ok, mid_j, lo_j)
+                        hi_j = tl.where(ok, hi_j, mid_j)
+                    thj = tl.where(tie_rows, lo_j, 0)
+        if band_ok == 0:
+            tau, thu, thj, nfr = _full_select(ub, n, topk, BQ, BN)
+        o = so + qi
+        tl.store(TAU + o, tau, mask=tmask)
+        tl.store(THU + o, thu, mask=tmask)
+        tl.store(THJ + o, thj, mask=tmask)
+        tl.store(NFRAC + o, nfr, mask=tmask)
 
 
 @triton.jit
 def _block_list_kernel(
-    U, OFF, KVLEN, THU, THJ, IDX, CNT,
-    Lq, Lk, window, nblocks, cap,
-    BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr,
+    U, OFF, KVLEN, THU, THJ, IDX, CNT, LJ, CI,
+    Lq, Lk, window, nblocks, cap, S, M, CAP_L,
+    HAS_LIST: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr,
 ):
-    """Compact ``S_{i0}`` (first query of each block) into ``IDX[bh, blk, :CNT]``, sorted by j."""
+    """Compact ``S_{i0}`` (first query of each block) into ``IDX[bh, blk, :CNT]``, sorted by j.
+
+    The keys come from the interval list ``{j < n_b : u_j >= theta_a}`` when there is one that did
+    not overflow (every key of ``S_{i0}`` has ``u_j >= theta_{i0} >= theta_a``), else from the prefix.
+    """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     i0 = blk * BQ
-    n0 = tl.minimum(tl.maximum(off + i0 - window + 1, 0), kvlen)
+    n0 = _n_cand(i0, off, kvlen, window)
     thu = tl.load(THU + bh.to(tl.int64) * Lq + i0)
     thj = tl.load(THJ + bh.to(tl.int64) * Lq + i0)
     ub = U + bh.to(tl.int64) * Lk
     out = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    total = n0
+    use = 0
+    slot = bh.to(tl.int64) * M + tl.minimum(i0 // S, M - 1)
+    if HAS_LIST:
+        lcnt = tl.load(CI + slot * 8 + 5)
+        use = (lcnt <= CAP_L).to(tl.int32)
+        total = tl.where(use > 0, lcnt, n0)
+    ljb = LJ + slot * CAP_L
     cnt = 0
-    for j0 in range(0, n0, BN):
-        j = j0 + tl.arange(0, BN)
-        m = j < n0
+    for t0 in range(0, total, BN):
+        t = t0 + tl.arange(0, BN)
+        tm = t < total
+        usev = (t * 0 + use) > 0
+        j = tl.where(usev, tl.load(ljb + t, mask=tm & usev, other=0), t)
+        m = tm & (j < n0)
         u = tl.load(ub + j, mask=m, other=0.0)
         sel = m & ((u > thu) | ((u == thu) & (j >= thj)))
         si = sel.to(tl.int32)
-        slot = cnt + tl.cumsum(si, 0) - 1
-        tl.store(out + slot, j, mask=sel)
+        pos = cnt + tl.cumsum(si, 0) - 1
+        tl.store(out + pos, j, mask=sel)
         cnt += tl.sum(si, 0)
     tl.store(CNT + bh * nblocks + blk, cnt)
 
 
-def sparsek_thresholds(
-    u: torch.Tensor, offsets: torch.Tensor, kv_len: torch.Tensor, lq: int, topk: int, window: int,
-    hkv: int, block_q: int = 32, block_n: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-query ``tau``, ``theta_u``, ``theta_j`` and ``|F|`` for ``u`` ``[B*Hkv, Lk]`` float32.
+def default_strides(lq: int) -> tuple[int, ...]:
+    """Query spacing of the levels: full path at every ``strides[0]``-th query, then band levels."""
+    if lq > 8192:
+        return (4096, 256, 1)
+    if lq > 1024:
+        return (256, 1)
+    return (1,)
 
-    ``tau`` is made monotone along the queries with a running maximum (it is in exact arithmetic,
-    SPEC 1.3); forward and backward both use that same monotone value.
+
+@dataclass
+class Selection:
+    """Per-query ``tau`` (monotone), ``theta_u``, ``theta_j``, ``|F|`` ``[BH, Lq]``, and the last
+    band level's interval lists (``None`` when the full path ran at every query)."""
+
+    tau: torch.Tensor
+    thu: torch.Tensor
+    thj: torch.Tensor
+    nfrac: torch.Tensor
+    lists: tuple[torch.Tensor, torch.Tensor, int, int, int] | None  # (LJ, CI, S, M, CAP_L)
+
+
+def _caps(interval: int, topk: int, caps: tuple[int, int] | None) -> tuple[int, int]:
+    if caps is not None:
+        return caps
+    cap_e = int(min(max(4 * interval, 256), 8192))
+    return cap_e, max(cap_e // 2, 64)
+
+
+def sparsek_selection(
+    u: torch.Tensor, offsets: torch.Tensor, kv_len: torch.Tensor, lq: int, topk: int, window: int,
+    hkv: int, strides: tuple[int, ...] | None = None, block_q: int = 32, block_n: int = 256,
+    anchor_block_q: int = 4, anchor_block_n: int = 1024, build_block_n: int = 1024,
+    band_block_q: int = 32, band_block_e: int = 64, caps: tuple[int, int] | None = None,
+) -> Selection:
+    """Thresholds and top-k boundaries of every query of ``u`` ``[B*Hkv, Lk]`` float32 (see module doc).
+
+    ``strides``: decreasing, each a multiple of the next, ending in 1 (default :func:`default_strides`).
+    ``caps``: capacities of the tau / theta edge lists per interval (default: from the interval size);
+    overflowing intervals take the full path, so caps change speed, never results.
     """
     bh, lk = u.shape
+    strides = tuple(strides) if strides is not None else default_strides(lq)
+    if not strides or strides[-1] != 1 or any(a % b or a <= b for a, b in zip(strides, strides[1:], strict=False)):
+        raise ValueError(f"strides must decrease to 1, each a multiple of the next; got {strides}")
+    dev = u.device
     shape = (bh, lq)
-    tau = torch.empty(shape, device=u.device, dtype=torch.float32)
+    tau = torch.empty(shape, device=dev, dtype=torch.float32)
     thu = torch.empty_like(tau)
-    thj = torch.empty(shape, device=u.device, dtype=torch.int32)
+    thj = torch.empty(shape, device=dev, dtype=torch.int32)
     nfrac = torch.empty_like(thj)
-    grid = (triton.cdiv(lq, block_q), bh)
-    _select_kernel[grid](u, offsets, kv_len, tau, thu, thj, nfrac, lq, lk, topk, window,
-                         BQ=block_q, BN=block_n, HKV=hkv)
+    s0 = strides[0]
+    nq = triton.cdiv(lq - 1, s0) + 1
+    bq0, bn0 = (block_q, block_n) if s0 == 1 else (anchor_block_q, anchor_block_n)
+    _anchor_kernel[(triton.cdiv(nq, bq0), bh)](u, offsets, kv_len, tau, thu, thj, nfrac, lq, lk, topk, window,
+                                               s0, nq, BQ=bq0, BN=bn0, HKV=hkv)
+    lists = None
+    for level, (s, r) in enumerate(zip(strides, strides[1:], strict=False)):
+        m = triton.cdiv(lq - 1, s)
+        if m == 0:
+            break
+        last = level == len(strides) - 2
+        cap_e, cap_f = _caps(s, topk, caps)
+        cap_l = topk + cap_f if last else 1
+        ej = torch.empty((bh, m, cap_e), device=dev, dtype=torch.int32)
+        eu = torch.empty((bh, m, cap_e), device=dev, dtype=torch.float32)
+        fj = torch.empty((bh, m, cap_f), device=dev, dtype=torch.int32)
+        fu = torch.empty((bh, m, cap_f), device=dev, dtype=torch.float32)
+        lj = torch.empty((bh, m, cap_l), device=dev, dtype=torch.int32)
+        cf = torch.empty((bh, m, 4), device=dev, dtype=torch.float32)
+        ci = torch.empty((bh, m, 8), device=dev, dtype=torch.int32)
+        _band_build_kernel[(m, bh)](u, offsets, kv_len, tau, thu, ej, eu, fj, fu, lj, cf, ci,
+                                    lq, lk, window, s, m, cap_e, cap_f, cap_l,
+                                    BUILD_LIST=last, BN=build_block_n, HKV=hkv)
+        bq = min(band_block_q, triton.next_power_of_2(s // r))
+        tpi = triton.cdiv(s // r, bq)
+        _band_select_kernel[(m * tpi, bh)](u, offsets, kv_len, tau, thu, thj, nfrac, ej, eu, fj, fu, cf, ci,
+                                           lq, lk, topk, window, s, r, m, tpi, cap_e, cap_f,
+                                           BQ=bq, BN=block_n, BE=band_block_e, HKV=hkv)
+        if last:
+            lists = (lj, ci, s, m, cap_l)
+    # tau is monotone in exact arithmetic (SPEC 1.3); forward and backward use this monotone value.
     tau = torch.cummax(tau, dim=1).values
-    return tau, thu, thj, nfrac
+    return Selection(tau, thu, thj, nfrac, lists)
+
+
+def sparsek_thresholds(
+    u: torch.Tensor, offsets: torch.Tensor, kv_len: torch.Tensor, lq: int, topk: int, window: int,
+    hkv: int, block_q: int = 32, block_n: int = 256, strides: tuple[int, ...] | None = None, **kw,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-query ``tau``, ``theta_u``, ``theta_j`` and ``|F|`` for ``u`` ``[B*Hkv, Lk]`` float32."""
+    sel = sparsek_selection(u, offsets, kv_len, lq, topk, window, hkv, strides, block_q, block_n, **kw)
+    return sel.tau, sel.thu, sel.thj, sel.nfrac
 
 
 def sparsek_block_lists(
     u: torch.Tensor, offsets: torch.Tensor, kv_len: torch.Tensor, thu: torch.Tensor, thj: torch.Tensor,
     lq: int, topk: int, window: int, hkv: int, block_q: int, block_n: int = 256,
+    lists: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected keys of each query block's first query: ``idx [BH, nblocks, cap]``, ``cnt [BH, nblocks]``."""
     bh, lk = u.shape
@@ -225,6 +662,11 @@ def sparsek_block_lists(
     cap = max(1, min(topk, lk))
     idx = torch.empty((bh, nblocks, cap), device=u.device, dtype=torch.int32)
     cnt = torch.empty((bh, nblocks), device=u.device, dtype=torch.int32)
-    _block_list_kernel[(nblocks, bh)](u, offsets, kv_len, thu, thj, idx, cnt, lq, lk, window, nblocks, cap,
-                                       BQ=block_q, BN=block_n, HKV=hkv)
+    if lists is None:
+        lj = ci = cnt
+        s, m, cap_l = 1, 1, 0
+    else:
+        lj, ci, s, m, cap_l = lists
+    _block_list_kernel[(nblocks, bh)](u, offsets, kv_len, thu, thj, idx, cnt, lj, ci, lq, lk, window, nblocks, cap,
+                                      s, m, cap_l, HAS_LIST=lists is not None, BQ=block_q, BN=block_n, HKV=hkv)
     return idx, cnt
