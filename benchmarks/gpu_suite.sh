@@ -25,15 +25,15 @@ for step in $steps; do
   echo "=== $step"
   case $step in
     tests)
-      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sparsek_triton.py \
+      timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sparsek_triton.py \
         tests/test_cca_triton.py tests/test_decode_kernel.py tests/test_generation.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     cca)
-      timeout 150 python3 -m sparsek.kernels.cca_triton_bench 32768 131072 2>&1 | tee "$OUT/cca_bench.log" | tail -30 ;;
+      timeout ${CCA_TIMEOUT:-150} python3 -m sparsek.kernels.cca_triton_bench 32768 131072 2>&1 | tee "$OUT/cca_bench.log" | tail -30 ;;
     attention)
       timeout 240 python3 benchmarks/attention.py --lengths 8192,32768,131072 --skip sdpa-flash,flex,cca \
         --out "$OUT/attention.md" 2>&1 | tee "$OUT/attention.log" | tail -30 ;;
     generation)
-      timeout 240 python3 benchmarks/generation.py --quick --out "$OUT/generation.md" 2>&1 | tee "$OUT/generation.log" | tail -30 ;;
+      timeout ${GEN_TIMEOUT:-240} python3 benchmarks/generation.py --quick --out "$OUT/generation.md" 2>&1 | tee "$OUT/generation.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done
