@@ -25,6 +25,7 @@ import triton
 from .sparsek_reference import _check_shapes
 from .sparsek_triton_attn import _sparsek_bwd_kernel, _sparsek_fwd_kernel
 from .sparsek_triton_select import sparsek_block_lists, sparsek_selection
+from .triton_options import dot_options
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -90,7 +91,7 @@ def _forward(plan: _Plan, q, k, v, scale):
         o.stride(0), o.stride(1), o.stride(2),
         plan.lq, plan.lk, plan.window, scale, plan.nblocks, plan.cap,
         HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["BN"], D=plan.d, BD=triton.next_power_of_2(plan.d),
-        UPCAST=upcast, num_warps=c["warps"], num_stages=c["stages"],
+        UPCAST=upcast, num_warps=c["warps"], num_stages=c["stages"], **dot_options(q.dtype),
     )
     return o, lse
 
@@ -148,7 +149,7 @@ class _SparsekAttention(torch.autograd.Function):
             do.stride(0), do.stride(1), do.stride(2),
             plan.lq, plan.lk, plan.window, ctx.scale, plan.nblocks, plan.cap,
             HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["bwd_BN"], D=plan.d,
-            BD=triton.next_power_of_2(plan.d), UPCAST=upcast, num_warps=c["bwd_warps"], num_stages=1,
+            BD=triton.next_power_of_2(plan.d), UPCAST=upcast, num_warps=c["bwd_warps"], num_stages=1, **dot_options(q.dtype),
         )
         du = du - _score_mean_term(plan, mrow)
         dscores = du.view(plan.b, plan.hkv, plan.lk).to(ctx.scores_dtype)
