@@ -101,6 +101,7 @@ def read_header(path: Path) -> SafetensorsHeader:
 # --- writing --------------------------------------------------------------------------------------
 
 Progress = Callable[[int], None]
+_CAST_CHUNK = 16 << 20  # bytes read and cast at a time by convert_range
 
 
 @dataclass
@@ -147,18 +148,30 @@ def copy_range(src: Path, start: int, nbytes: int) -> Callable[[BinaryIO, Progre
 
 
 def convert_range(src: Path, t: StoredTensor, dtype: torch.dtype) -> Callable[[BinaryIO, Progress], None]:
-    """Writer that reads one stored tensor, casts it to ``dtype`` and writes its bytes."""
+    """Writer that reads one stored tensor, casts it to ``dtype`` and writes its bytes.
+
+    A cast is elementwise, so it runs over pieces of ``_CAST_CHUNK`` bytes: memory stays at a few
+    pieces instead of the whole tensor in both dtypes (the embedding of a 1B model is >100 MB).
+    """
+    src_dtype = CODE_TO_DTYPE[t.dtype]
+    itemsize = torch.empty((), dtype=src_dtype).element_size()
 
     def write(out: BinaryIO, progress: Progress) -> None:
-        buf = bytearray(t.nbytes)
+        total = t.nbytes // itemsize
+        per = max(1, _CAST_CHUNK // itemsize)
+        buf = bytearray(min(total, per) * itemsize)
         with open(src, "rb") as f:
             f.seek(t.start)
-            if f.readinto(buf) != t.nbytes:
-                raise OSError(f"{src} ended early while reading {t.name}")
-        tensor = torch.frombuffer(buf, dtype=torch.uint8).view(CODE_TO_DTYPE[t.dtype]).to(dtype)
-        del buf
-        write_tensor_bytes(out, tensor)
-        progress(tensor.numel() * tensor.element_size())
+            done = 0
+            while done < total:
+                count = min(per, total - done)
+                nbytes = count * itemsize
+                if f.readinto(memoryview(buf)[:nbytes]) != nbytes:
+                    raise OSError(f"{src} ended early while reading {t.name}")
+                piece = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(src_dtype).to(dtype)
+                write_tensor_bytes(out, piece)
+                progress(piece.numel() * piece.element_size())
+                done += count
 
     return write
 

@@ -327,3 +327,25 @@ def test_embedded_default_converts_and_answers(tmp_path, capsys):
             gen = model.generate(**enc, max_new_tokens=10, do_sample=False)
         answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         assert "Paris" in answer, (overrides, answer)
+
+
+def test_dtype_cast_streams_in_pieces(tmp_path, monkeypatch):
+    """`--dtype` casts a tensor piece by piece; pieces that split it unevenly give the same bytes."""
+    from safetensors.torch import load_file, save_file
+
+    import sparsek.convert.safetensors_io as sio
+
+    src = tmp_path / "a.safetensors"
+    x = torch.randn(1001, 7, dtype=torch.float32)
+    save_file({"x": x, "empty": torch.zeros(0, 3)}, str(src))
+    header = sio.read_header(src)
+    monkeypatch.setattr(sio, "_CAST_CHUNK", 4 * 333)  # 333 floats per piece: 22 pieces, the last one short
+    out = tmp_path / "b.safetensors"
+    tensors = [
+        sio.OutTensor(t.name, sio.DTYPE_TO_CODE[torch.bfloat16], t.shape, t.nbytes // 2, sio.convert_range(src, t, torch.bfloat16))
+        for t in header.tensors
+    ]
+    sio.write_safetensors(out, tensors, None, lambda n: None)
+    got = load_file(str(out))
+    assert torch.equal(got["x"], x.to(torch.bfloat16))
+    assert got["empty"].shape == (0, 3) and got["empty"].dtype == torch.bfloat16
