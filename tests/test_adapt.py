@@ -32,12 +32,7 @@ register_auto_classes()  # AutoModelForCausalLM knows the converted classes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tiny(path: Path, method: str = "sparsek", init: float = 0.02, tie: bool = False) -> Path:

@@ -15,13 +15,7 @@ from sparsek.runtime.modeling_sparsek import MODEL_CLASSES
 W, K, GROUP, S = 4, 5, 3, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box has 2 cores shared by other jobs: tiny ops run far faster single-threaded
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(arch: str, method: str, layers: int = 2, seed: int = 0, **over):

@@ -8,13 +8,7 @@ from sparsek.kernels import gated_decode_attention, sparsek_threshold
 from sparsek.kernels.decode_reference import capped_simplex_threshold, gated_decode_attention_reference
 from sparsek.kernels.decode_triton import gated_decode_attention_triton
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _case(b, h, hkv, m, d, dtype, seed=0, gates=True):
