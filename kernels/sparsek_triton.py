@@ -24,10 +24,14 @@ import triton
 
 from .sparsek_reference import _check_shapes
 from .sparsek_triton_attn import _sparsek_bwd_kernel, _sparsek_fwd_kernel
+from .sparsek_triton_bwd import _sparsek_bwd_dkdv_kernel, _sparsek_bwd_dq_kernel
 from .sparsek_triton_select import sparsek_block_lists, sparsek_selection
 from .triton_options import dot_options
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# backward: "split" (dQ kernel + super-block dK/dV kernel, sparsek_triton_bwd.py) or "fused" (one
+# query-major kernel with per-tile dK/dV atomics, sparsek_triton_attn.py)
+BWD_IMPL = os.environ.get("SPARSEK_BWD", "split")
 
 
 def _config(g: int, d: int, dtype: torch.dtype) -> dict:
@@ -35,13 +39,14 @@ def _config(g: int, d: int, dtype: torch.dtype) -> dict:
     if _INTERPRET:
         bm = 16 if g <= 8 else 32
         return {"BM": bm, "BN": 16, "SEL_BQ": 64, "SEL_BN": 32, "LIST_BN": 32, "warps": 1, "stages": 1,
-                "bwd_BN": 16, "bwd_warps": 1,
+                "bwd_BN": 16, "bwd_warps": 1, "dkdv_BM": bm, "dkdv_BN": 16, "NSUB": 2, "dkdv_warps": 1,
                 "sel": {"anchor_block_q": 4, "anchor_block_n": 32, "build_block_n": 32, "band_block_q": 16,
                         "band_block_e": 16}}
     bm = 128 if d <= 128 else 64
     bn = 64 if d <= 128 else 32
     return {"BM": bm, "BN": bn, "SEL_BQ": 32, "SEL_BN": 256, "LIST_BN": 1024, "warps": 8, "stages": 2,
             "bwd_BN": 32 if d <= 128 else 16, "bwd_warps": 8,
+            "dkdv_BM": 64, "dkdv_BN": 64 if d <= 128 else 32, "NSUB": 16, "dkdv_warps": 8,
             "sel": {"anchor_block_q": 4, "anchor_block_n": 1024, "build_block_n": 1024, "band_block_q": 32,
                     "band_block_e": 64}}
 
@@ -73,6 +78,7 @@ class _Plan:
         sel = sparsek_selection(self.u, self.off, self.kvlen, self.lq, self.topk, self.window, self.hkv,
                                 self.strides, c["SEL_BQ"], c["SEL_BN"], **c["sel"])
         self.tau, self.thu, self.thj, self.nfrac = sel.tau, sel.thu, sel.thj, sel.nfrac
+        self.lists = sel.lists
         self.idx, self.cnt = sparsek_block_lists(
             self.u, self.off, self.kvlen, self.thu, self.thj, self.lq, self.topk, self.window, self.hkv,
             self.bq, c["LIST_BN"], sel.lists)
@@ -116,6 +122,39 @@ def _score_mean_term(plan: _Plan, mrow: torch.Tensor) -> torch.Tensor:
     return torch.where(j[None, :] < kvlen, t2, torch.zeros_like(t2)).float()
 
 
+def _split_backward(plan: _Plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow, scale, upcast) -> None:
+    """dQ + mrow query-major, then dK/dV/d(scores) key-major per super-block (sparsek_triton_bwd.py)."""
+    c = plan.cfg
+    bd = triton.next_power_of_2(plan.d)
+    bh = plan.b * plan.hkv
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               do.stride(0), do.stride(1), do.stride(2))
+    _sparsek_bwd_dq_kernel[(plan.nblocks, bh)](
+        q, k, v, plan.u, plan.tau, plan.thu, plan.thj, plan.idx, plan.cnt, plan.off, plan.kvlen,
+        do, lse, delta, dq, mrow, *strides,
+        plan.lq, plan.lk, plan.window, scale, plan.nblocks, plan.cap,
+        HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["BN"], D=plan.d, BD=bd,
+        UPCAST=upcast, num_warps=c["warps"], num_stages=c["stages"], **dot_options(q.dtype),
+    )
+    bq = max(1, c["dkdv_BM"] // plan.g)
+    bm = triton.next_power_of_2(plan.g * bq)
+    qb = bq * c["NSUB"]
+    sidx, scnt = sparsek_block_lists(
+        plan.u, plan.off, plan.kvlen, plan.thu, plan.thj, plan.lq, plan.topk, plan.window, plan.hkv,
+        qb, c["LIST_BN"], plan.lists)
+    nsb, cap = sidx.shape[1], sidx.shape[2]
+    bn = c["dkdv_BN"]
+    ntiles_a = triton.cdiv(cap, bn)
+    ntiles_b = triton.cdiv(plan.window + qb, bn)
+    _sparsek_bwd_dkdv_kernel[(ntiles_a + ntiles_b, nsb, bh)](
+        q, k, v, plan.u, plan.tau, plan.thu, plan.thj, sidx, scnt, plan.off, plan.kvlen,
+        do, lse, delta, dk, dv, du, *strides,
+        plan.lq, plan.lk, plan.window, scale, nsb, cap, ntiles_a,
+        HKV=plan.hkv, G=plan.g, BQ=bq, NSUB=c["NSUB"], BM=bm, BN=bn, D=plan.d, BD=bd,
+        UPCAST=upcast, num_warps=c["dkdv_warps"], num_stages=1, **dot_options(q.dtype),
+    )
+
+
 class _SparsekAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scores, topk, window, scale, seqlens, q_offsets):
@@ -142,15 +181,19 @@ class _SparsekAttention(torch.autograd.Function):
         du = torch.zeros((plan.b * plan.hkv, plan.lk), device=q.device, dtype=torch.float32)
         mrow = torch.empty((plan.b, plan.h, plan.lq), device=q.device, dtype=torch.float32)
         upcast = q.dtype == torch.float32 or _INTERPRET
-        _sparsek_bwd_kernel[(plan.nblocks, plan.b * plan.hkv)](
-            q, k, v, plan.u, plan.tau, plan.thu, plan.thj, plan.idx, plan.cnt, plan.off, plan.kvlen,
-            do, lse, delta, dq, dk, dv, du, mrow,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            plan.lq, plan.lk, plan.window, ctx.scale, plan.nblocks, plan.cap,
-            HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["bwd_BN"], D=plan.d,
-            BD=triton.next_power_of_2(plan.d), UPCAST=upcast, num_warps=c["bwd_warps"], num_stages=1, **dot_options(q.dtype),
-        )
+        if BWD_IMPL == "fused":
+            _sparsek_bwd_kernel[(plan.nblocks, plan.b * plan.hkv)](
+                q, k, v, plan.u, plan.tau, plan.thu, plan.thj, plan.idx, plan.cnt, plan.off, plan.kvlen,
+                do, lse, delta, dq, dk, dv, du, mrow,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                plan.lq, plan.lk, plan.window, ctx.scale, plan.nblocks, plan.cap,
+                HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["bwd_BN"], D=plan.d,
+                BD=triton.next_power_of_2(plan.d), UPCAST=upcast, num_warps=c["bwd_warps"], num_stages=1,
+                **dot_options(q.dtype),
+            )
+        else:
+            _split_backward(plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow, ctx.scale, upcast)
         du = du - _score_mean_term(plan, mrow)
         dscores = du.view(plan.b, plan.hkv, plan.lk).to(ctx.scores_dtype)
         return dq, dk.to(k.dtype), dv.to(v.dtype), dscores, None, None, None, None, None

@@ -186,6 +186,19 @@ def test_fewer_candidates_than_k_fp32():
     _check_fp32(1, 2, 1, 33, 33, 16, topk=20, window=3)
 
 
+@pytest.mark.parametrize("impl,nsub", [("fused", None), ("split", 1), ("split", 3)])
+def test_backward_implementations_fp32(monkeypatch, impl, nsub):
+    """Both backward implementations, and super-blocks of 1 and 3 query blocks (3: the last one
+    partial, range tiles that skip early blocks), GQA 3 with ties, a right-padded row."""
+    from sparsek.kernels import sparsek_triton
+
+    monkeypatch.setattr(sparsek_triton, "BWD_IMPL", impl)
+    if nsub is not None:
+        orig = sparsek_triton._config
+        monkeypatch.setattr(sparsek_triton, "_config", lambda g, d, dt: {**orig(g, d, dt), "NSUB": nsub})
+    _check_fp32(2, 6, 2, 41, 41, 16, topk=6, window=3, ties=True, seqlens=torch.tensor([41, 26]))
+
+
 def test_window_plus_k_covers_everything_is_dense_causal():
     b, h, hkv, length, d = 1, 4, 2, 27, 16
     q, k, v, u, do = _inputs(b, h, hkv, length, length, d, torch.float32)

@@ -1,0 +1,219 @@
+"""SparseK attention backward without per-tile atomics: a dQ kernel and a dK/dV kernel.
+
+Why two kernels. The fused backward of :mod:`sparsek_triton_attn` owns a query block and adds
+each visited key tile's dK/dV into fp32 buffers with atomics: at 128K tokens every key of a
+block's ~k selected keys receives ``BM x D`` partial sums from every block that selects it,
+tens of GB of atomic traffic, and it made the backward 80% of the fwd+bwd time on the H100.
+
+Here (FlashAttention-2's split, adapted to per-block key lists):
+
+* **dQ** (:func:`_sparsek_bwd_dq_kernel`): query-major like the forward, the same per-block
+  lists; it also writes the per-row sums of the SPARSEK mean term (``mrow``). No atomics.
+* **dK, dV, d(scores)** (:func:`_sparsek_bwd_dkdv_kernel`): key-major inside a *super-block*
+  of ``NSUB`` query blocks. Thresholds only grow along the sequence (SPEC 1.3), so every key a
+  query of the super-block selects from the candidates of its first query ``I0`` is in
+  ``S_{I0}``, and the others lie in the contiguous range ``(c_{I0}, last position]`` (window and
+  keys that enter inside the super-block): the same "list + range" cover as the forward's, one
+  level up. A program holds one key tile (gathered from the list, or contiguous from the range)
+  in registers, loops over the super-block's query blocks and accumulates dK, dV and d(scores)
+  there; it writes them once with an atomic add, so a key receives one partial sum per
+  super-block instead of one per query block (``NSUB`` times less atomic traffic). The range
+  tiles skip query blocks that end before them (causality).
+
+Visibility is the forward's ``_visibility`` with the window test on for every tile: for list keys
+(all candidates of every query of the super-block) it reduces to the selection test.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sparsek_triton_attn import _visibility
+
+
+@triton.jit
+def _load_rows(Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, bh, i0, off, kvlen, Lq,
+               sqb, sqh, sql, sdb, sdh, sdl,
+               HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,
+               D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr):
+    """q, dO and the per-row statistics of one query block (``BM`` rows = G heads x BQ queries)."""
+    r = tl.arange(0, BM)
+    g = r // BQ
+    qi = i0 + r % BQ
+    row_ok = (r < G * BQ) & (qi < Lq)
+    pos = off + qi
+    q_ok = row_ok & (pos >= 0) & (pos < kvlen)
+    h = hk * G + g
+    d = tl.arange(0, BD)
+    rm = row_ok[:, None] & (d < D)[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :],
+                mask=rm, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sdl + d[None, :],
+                 mask=rm, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    so = bh.to(tl.int64) * Lq + qi
+    tau = tl.load(TAU + so, mask=row_ok, other=0.0)
+    thu = tl.load(THU + so, mask=row_ok, other=0.0)
+    thj = tl.load(THJ + so, mask=row_ok, other=0)
+    sr = (b * HKV * G + h).to(tl.int64) * Lq + qi
+    lse = tl.load(LSE + sr, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + sr, mask=row_ok, other=0.0)
+    return q, do, tau, thu, thj, lse, delta, pos, q_ok, row_ok, h, qi, sr
+
+
+@triton.jit
+def _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST: tl.constexpr):
+    s = tl.dot(q, tl.trans(kt)) * scale
+    p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+    dw = tl.dot(do, tl.trans(vt))
+    ds = p * (dw * gate - delta[:, None])
+    if UPCAST:
+        dq += tl.dot(ds, kt)
+    else:
+        dq += tl.dot(ds.to(kt.dtype), kt)
+    mrow += tl.sum(tl.where(frac, dw * p, 0.0), 1)
+    return dq, mrow
+
+
+@triton.jit
+def _sparsek_bwd_dq_kernel(
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DQ, MROW,
+    sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
+    Lq, Lk, window, scale, nblocks, cap,
+    HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dQ (like Q) and ``mrow`` (per-row ``sum_{F cap S} dp``) of one query block."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    off = tl.load(OFF + b)
+    kvlen = tl.load(KVLEN + b)
+    i0 = blk * BQ
+    q, do, tau, thu, thj, lse, delta, pos, q_ok, row_ok, h, qi, sr = _load_rows(
+        Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, bh, i0, off, kvlen, Lq, sqb, sqh, sql, sdb, sdh, sdl,
+        HKV, G, BQ, BM, D, BD, UPCAST)
+    d = tl.arange(0, BD)
+    dm = d < D
+    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    ub = U + bh.to(tl.int64) * Lk
+    dq = tl.zeros([BM, BD], tl.float32)
+    mrow = tl.zeros([BM], tl.float32)
+
+    cnt = tl.load(CNT + bh * nblocks + blk)
+    ib = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    for t0 in range(0, cnt, BN):
+        t = t0 + tl.arange(0, BN)
+        jm = t < cnt
+        j = tl.load(ib + t, mask=jm, other=0)
+        kvm = jm[:, None] & dm[None, :]
+        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        u = tl.load(ub + j, mask=jm, other=0.0)
+        vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
+        dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
+
+    i_last = tl.minimum(i0 + BQ, Lq) - 1
+    lo = tl.maximum(off + i0 - window + 1, 0)
+    hi = tl.minimum(off + i_last + 1, kvlen)
+    for j0 in range(lo, hi, BN):
+        j = j0 + tl.arange(0, BN)
+        jm = j < hi
+        kvm = jm[:, None] & dm[None, :]
+        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        u = tl.load(ub + j, mask=jm, other=0.0)
+        vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
+        dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
+
+    rm = row_ok[:, None] & dm[None, :]
+    dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :]
+    tl.store(dqp, (dq * scale).to(DQ.dtype.element_ty), mask=rm)
+    tl.store(MROW + sr, mrow, mask=row_ok)
+
+
+@triton.jit
+def _sparsek_bwd_dkdv_kernel(
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DK, DV, DU,
+    sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
+    Lq, Lk, window, scale, nsb, cap, ntiles_a,
+    HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One key tile of one super-block (``NSUB`` query blocks): dK, dV (fp32 ``[B, Hkv, Lk, D]``)
+    and the gate part of d(scores) (``[B*Hkv, Lk]``), accumulated over the super-block, added once.
+
+    Tiles ``< ntiles_a`` come from the super-block's list ``S_{I0}`` (``IDX``/``CNT``), the others
+    from the contiguous range ``(c_{I0}, last position]``.
+    """
+    tile = tl.program_id(0)
+    sb = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HKV
+    hk = bh % HKV
+    off = tl.load(OFF + b)
+    kvlen = tl.load(KVLEN + b)
+    I0 = sb * (BQ * NSUB)
+    last = tl.minimum(I0 + BQ * NSUB, Lq) - 1
+    d = tl.arange(0, BD)
+    dm = d < D
+    if tile < ntiles_a:
+        cnt = tl.load(CNT + bh * nsb + sb)
+        t = tile * BN + tl.arange(0, BN)
+        jm = t < cnt
+        j = tl.load(IDX + (bh.to(tl.int64) * nsb + sb) * cap + t, mask=jm, other=0)
+        first = tl.full([], 0, tl.int32)  # list keys are candidates of every query: no block to skip
+    else:
+        lo = tl.maximum(off + I0 - window + 1, 0)
+        hi = tl.minimum(off + last + 1, kvlen)
+        j = lo + (tile - ntiles_a) * BN + tl.arange(0, BN)
+        jm = j < hi
+        # query blocks whose last position is before the tile's first key see none of it
+        first = tl.maximum(lo + (tile - ntiles_a) * BN - off - I0 - BQ + 1, 0) // BQ
+    if tl.max(jm.to(tl.int32), 0) > 0:
+        kvm = jm[:, None] & dm[None, :]
+        kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        u = tl.load(U + bh.to(tl.int64) * Lk + j, mask=jm, other=0.0)
+        dk = tl.zeros([BN, BD], tl.float32)
+        dv = tl.zeros([BN, BD], tl.float32)
+        du = tl.zeros([BN], tl.float32)
+        for s in range(first, NSUB):
+            i0 = I0 + s * BQ
+            if i0 < Lq:
+                q, do, tau, thu, thj, lse, delta, pos, q_ok, row_ok, h, qi, sr = _load_rows(
+                    Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, bh, i0, off, kvlen, Lq, sqb, sqh, sql, sdb, sdh, sdl,
+                    HKV, G, BQ, BM, D, BD, UPCAST)
+                vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
+                sc = tl.dot(q, tl.trans(kt)) * scale
+                p = tl.where(vis, tl.exp(sc - lse[:, None]), 0.0)
+                w = p * gate
+                dw = tl.dot(do, tl.trans(vt))
+                ds = p * (dw * gate - delta[:, None])
+                if UPCAST:
+                    dv += tl.dot(tl.trans(w), do)
+                    dk += tl.dot(tl.trans(ds), q)
+                else:
+                    dv += tl.dot(tl.trans(w.to(do.dtype)), do)
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                du += tl.sum(tl.where(frac, dw * p, 0.0), 0)
+        dkv = (bh.to(tl.int64) * Lk + j.to(tl.int64))[:, None] * D + d[None, :]
+        tl.atomic_add(DV + dkv, dv, mask=kvm)
+        tl.atomic_add(DK + dkv, dk * scale, mask=kvm)
+        tl.atomic_add(DU + bh.to(tl.int64) * Lk + j, du, mask=jm)
