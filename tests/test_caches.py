@@ -168,3 +168,86 @@ def test_generate_accepts_bounded_cache_and_beam_reorder():
     assert cache.get_seq_length() == 15
     cache.reorder_cache(torch.tensor([1, 0]))
     assert cache.layers[0].count.tolist() == [15, 15]
+
+
+def _sparsek_layer(w: int, k: int):
+    from sparsek.runtime.cache_sparsek import SparseKLayer
+    from sparsek.runtime.configuration_sparsek import SparseSettings
+
+    return SparseKLayer(SparseSettings("sparsek", k, w, 1 / 16, 16, 1024), 0)
+
+
+def _first_chunk_state(lengths, w, k, fast: bool, seed: int, ties: bool):
+    """The state of an empty SparseK layer after one left-padded chunk (general or fast path)."""
+    from sparsek.runtime.cache_sparsek import new_token_positions
+
+    g = torch.Generator().manual_seed(seed)
+    b, hkv, d, c = len(lengths), 3, 8, max(lengths)
+    key = torch.randn(b, hkv, c, d, generator=g)
+    value = torch.randn(b, hkv, c, d, generator=g)
+    if ties:  # few distinct values: many ties at the k-th score and at tau's band edges
+        scores = torch.randint(-3, 4, (b, hkv, c), generator=g).float() * 0.5
+        if ties == "zeros":  # the k-th score is 0 and tied: -0.0 and +0.0 must be one value
+            scores = (scores > 2).float()
+        flip = torch.rand(b, hkv, c, generator=g) < 0.5  # -0.0 and +0.0 are one tied value
+        scores = torch.where((scores == 0) & flip, torch.full_like(scores, -0.0), scores)
+    else:
+        scores = torch.randn(b, hkv, c, generator=g) * 0.3 + torch.arange(c) / 16
+    mask = torch.zeros(b, c, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, c - n :] = True
+    layer = _sparsek_layer(w, k)
+    layer._init(key)
+    if fast:
+        layer._build_from_chunk(key, value, scores, mask)
+    else:
+        layer._update(key, value, scores, mask, new_token_positions(layer.count, mask), grow=True)
+    return layer
+
+
+@pytest.mark.parametrize("ties", [False, True, "zeros"])
+@pytest.mark.parametrize(
+    "w,k,lengths",
+    [
+        (6, 5, [4, 1, 3]),  # L < w
+        (6, 5, [9, 6, 7, 2]),  # w <= L < w + k
+        (4, 5, [200, 57, 130, 0]),  # L >> w + k, an all-padding row
+        (3, 7, [90, 10, 11, 12]),  # candidates just above / below k
+    ],
+)
+def test_sparsek_fast_first_chunk_equals_general_update(w, k, lengths, ties):
+    """The empty-cache build gives the general update's state: same validity, positions, scores,
+    gates and K/V of every valid slot, same live score-only candidates, same capacity."""
+    for seed in range(3):
+        ref = _first_chunk_state(lengths, w, k, fast=False, seed=seed, ties=ties)
+        got = _first_chunk_state(lengths, w, k, fast=True, seed=seed, ties=ties)
+        assert torch.equal(got.valid, ref.valid) and torch.equal(got.count, ref.count)
+        v = ref.valid
+        assert torch.equal(got.pos[v], ref.pos[v])
+        assert torch.equal(got.score[v], ref.score[v])
+        assert torch.equal(got.gates, ref.gates)
+        assert torch.equal(got.kbuf[v], ref.kbuf[v]) and torch.equal(got.vbuf[v], ref.vbuf[v])
+        assert got.extra.shape == ref.extra.shape
+        assert torch.equal(got.extra_valid, ref.extra_valid)
+        assert torch.equal(got.extra[ref.extra_valid], ref.extra[ref.extra_valid])
+        if ties and max(lengths) > w + k:  # the case is exercised: ties at the k-th score
+            assert int(ref.extra_valid.sum()) > 0 or bool((ref.gates[..., w:] < 1).any())
+
+
+def test_sparsek_fast_first_chunk_then_decode_matches_general():
+    """After the fast build, decode steps give the same state as after the general build."""
+    w, k, lengths = 4, 5, [40, 23]
+    layers = [_first_chunk_state(lengths, w, k, fast=f, seed=7, ties=True) for f in (False, True)]
+    g = torch.Generator().manual_seed(8)
+    for _ in range(12):
+        key = torch.randn(2, 3, 1, 8, generator=g)
+        u = torch.randint(-3, 4, (2, 3, 1), generator=g).float() * 0.5 + 2
+        for layer in layers:
+            layer.reserve(1)
+            layer._decode_update(key, key, u)
+    ref, got = layers
+    v = ref.valid
+    assert torch.equal(got.valid, v) and torch.equal(got.pos[v], ref.pos[v]) and torch.equal(got.gates, ref.gates)
+    assert torch.equal(got.kbuf[v], ref.kbuf[v])
+    assert torch.equal(torch.sort(got.extra.masked_fill(~got.extra_valid, -1e9), -1).values,
+                      torch.sort(ref.extra.masked_fill(~ref.extra_valid, -1e9), -1).values)
