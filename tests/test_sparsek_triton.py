@@ -262,6 +262,13 @@ def test_gpu_forward_deterministic():
     assert torch.equal(a, b)
 
 
+def _candidate_scale(u: torch.Tensor, window: int, length: int) -> torch.Tensor:
+    """``max(1, max_{j <= i - window} |u_j|)`` per query ``i`` (``[rows, length]``)."""
+    run = torch.cummax(u.abs(), dim=1).values
+    idx = (torch.arange(length, device=u.device) - window).clamp(min=0)
+    return run[:, idx].clamp(min=1)
+
+
 @gpu
 @pytest.mark.parametrize("regime", ["content", "recency"])
 def test_gpu_band_selection_equals_full_path(regime):
@@ -279,8 +286,11 @@ def test_gpu_band_selection_equals_full_path(regime):
     assert torch.equal(band.thu, full.thu) and torch.equal(band.thj, full.thj)
     fin = torch.isfinite(full.tau)
     assert torch.equal(fin, torch.isfinite(band.tau))
-    err = (band.tau[fin] - full.tau[fin]).abs() / full.tau[fin].abs().clamp(min=1)
-    assert err.max().item() < 1e-5, err.max().item()
+    # float32 resolves tau to a few ulps of the *scores* it is computed from (|u| up to ~1250 here),
+    # not of tau itself (near 0 at the first queries with candidates): compare on that scale.
+    scale = _candidate_scale(u, window, length)
+    err = (band.tau[fin] - full.tau[fin]).abs() / scale[fin]
+    assert err.max().item() < 2e-6, err.max().item()
     # |F_i| may differ by a key lying within float32 rounding of tau or tau + 1 (the two taus agree
     # to ~1 ulp, not bitwise; measured on the H100: 0.11% of rows, by 1): bound it, do not demand equality.
     nd = (band.nfrac - full.nfrac).abs()
@@ -293,8 +303,10 @@ def test_gpu_band_selection_equals_full_path(regime):
 def test_gpu_selection_tau_matches_float64_reference(regime, path):
     """Each selection path against the float64 PyTorch threshold on sampled queries (L=20000).
 
-    Written after the band and full paths were seen to differ by 2e-5 relative in the recency
-    regime on the H100: this says which of the two is off.
+    Written after the band and full paths were seen to differ by 2e-5 *relative to tau* in the
+    recency regime on the H100. Both paths agree with float64 to < 1 ulp of the largest candidate
+    score (max |error| 6.4e-5 at |u| ~ 1250); the relative measure only looked large where tau
+    is near 0. Float32 cannot do better than the scores' own resolution, so that is the scale.
     """
     from sparsek.kernels.sparsek_projection import sparsek_threshold
 
@@ -312,5 +324,6 @@ def test_gpu_selection_tau_matches_float64_reference(regime, path):
     for h in range(hkv):
         ref = sparsek_threshold(u[h].double().expand(len(queries), -1), topk, cand)
         got = sel.tau[h, queries].double()
-        err = ((got - ref).abs() / ref.abs().clamp(min=1)).max().item()
-        assert err < 4e-6, (path, regime, h, err)
+        scale = _candidate_scale(u[h:h + 1], window, length)[0, queries].double()
+        err = ((got - ref).abs() / scale).max().item()
+        assert err < 1e-6, (path, regime, h, err)
