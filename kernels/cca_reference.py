@@ -12,6 +12,11 @@ Two ops, kernel-shaped:
 Padding and query positions follow the SparseK reference: keys valid for ``j < seqlens[b]``,
 query ``i`` at position ``q_offsets[b] + i`` (default ``Lk - Lq``).
 
+Packed documents (``cu_seqlens``, as in the SparseK reference): tokens ``[1, *, T, d]``, document
+``n`` holds tokens ``[cu[n], cu[n + 1])`` and has ``(cu[n + 1] - cu[n]) // group`` cores, packed
+the same way (``[1, Hkv, sum of those, d]``, document order); :func:`cca_core_queries` picks the
+matching pooling queries. Each document behaves exactly like a batch row of its own.
+
 Pure PyTorch on purpose: this file is also shipped inside converted checkpoints.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .sparsek_reference import _check_shapes, key_lengths, query_positions
+from .sparsek_reference import _check_shapes, key_lengths, packed_bounds, query_positions
 
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -30,22 +35,58 @@ def visible_cores(q_pos: torch.Tensor, group: int, window: int) -> torch.Tensor:
     return torch.div(q_pos + 1 - window, group, rounding_mode="floor").clamp(min=0)
 
 
+def packed_core_bounds(bounds: list[int], group: int) -> list[int]:
+    """Cumulative core counts of packed documents (document ``n`` has ``length // group`` cores)."""
+    out = [0]
+    for a, e in zip(bounds, bounds[1:], strict=False):
+        out.append(out[-1] + (e - a) // group)
+    return out
+
+
+def cca_core_queries(q: torch.Tensor, group: int, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """The pooling query of every complete group: position ``(n + 1) * group - 1`` of each row, or
+    of each packed document (``[1, H, total cores, d]``, document order)."""
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    if cu_seqlens is None:
+        n = q.shape[2] // group
+        return q[:, :, group - 1 : n * group : group]
+    bounds = packed_bounds(cu_seqlens, q, q)
+    idx = [a + c * group - 1 for a, e in zip(bounds, bounds[1:], strict=False) for c in range(1, (e - a) // group + 1)]
+    return q.index_select(2, torch.tensor(idx, dtype=torch.long, device=q.device))
+
+
 def cca_pool_reference(
     q_last: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     group: int,
     scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Core keys and values of the first ``N`` groups (SPEC 2.1).
 
     Args:
         q_last: ``[B, H, N, d]``, the (RoPE'd) query at position ``(n + 1) * group - 1``.
         k, v: ``[B, Hkv, Lk, d]`` with ``Lk >= N * group``.
+        cu_seqlens: packed documents (module docstring): ``q_last`` holds every document's cores
+            in order (:func:`cca_core_queries`), ``k``, ``v`` the packed tokens.
 
     Returns:
         ``(k_core, v_core)``, each ``[B, Hkv, N, d]`` in ``k``'s dtype.
     """
+    if cu_seqlens is not None:
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
+        bounds = packed_bounds(cu_seqlens, k, k)
+        cores = packed_core_bounds(bounds, group)
+        if q_last.shape[0] != 1 or q_last.shape[2] != cores[-1]:
+            raise ValueError(f"packed pooling needs q_last [1, H, {cores[-1]}, d] (one query per core), got {tuple(q_last.shape)}")
+        parts = [
+            cca_pool_reference(q_last[:, :, c : c + (e - a) // group], k[:, :, a:e], v[:, :, a:e], group, scale)
+            for a, e, c in zip(bounds, bounds[1:], cores, strict=False)
+        ]
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
     b, h, n, d = q_last.shape
     hkv = k.shape[1]
     if h % hkv:
@@ -100,15 +141,29 @@ def cca_attention_reference(
     scale: float | None = None,
     seqlens: torch.Tensor | None = None,
     q_offsets: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One softmax over ``[visible cores ; visible raw keys]`` (SPEC 2.2-2.3).
 
     ``k_core``/``v_core`` ``[B, Hkv, N, d]`` are the cores of groups ``0..N-1``; a query uses
-    those with ``n < P(i)`` (the caller must provide at least ``max P(i)`` of them).
+    those with ``n < P(i)`` (the caller must provide at least ``max P(i)`` of them). Packed
+    (``cu_seqlens``): exactly ``length // group`` cores per document, packed in document order.
     """
     _check_shapes(q, k, v)
     if group < 1 or window < 1:
         raise ValueError(f"group and window must be >= 1, got group={group}, window={window}")
+    if cu_seqlens is not None:
+        bounds = packed_bounds(cu_seqlens, q, k, seqlens, q_offsets)
+        cores = packed_core_bounds(bounds, group)
+        check_packed_cores(k, k_core, v_core, cores[-1])
+        docs = [
+            cca_attention_reference(
+                q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], k_core[:, :, c : c + (e - a) // group],
+                v_core[:, :, c : c + (e - a) // group], group, window, scale,
+            )
+            for a, e, c in zip(bounds, bounds[1:], cores, strict=False)
+        ]
+        return torch.cat(docs, dim=2)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
@@ -127,6 +182,14 @@ def cca_attention_reference(
     return torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, d)
 
 
+def check_packed_cores(k: torch.Tensor, k_core: torch.Tensor, v_core: torch.Tensor, total: int) -> None:
+    if k_core.shape != (1, k.shape[1], total, k.shape[3]) or v_core.shape != k_core.shape:
+        raise ValueError(
+            f"packed cores must be [1, Hkv, {total}, d] (length // group per document), "
+            f"got {tuple(k_core.shape)}, {tuple(v_core.shape)}"
+        )
+
+
 def cca_prefill_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -135,11 +198,13 @@ def cca_prefill_reference(
     window: int,
     scale: float | None = None,
     seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CCA over a whole sequence whose queries are aligned with its keys (``Lq == Lk``)."""
     if q.shape[2] != k.shape[2]:
         raise ValueError("cca_prefill needs queries aligned with keys (Lq == Lk)")
-    n = k.shape[2] // group
-    q_last = q[:, :, group - 1 : n * group : group]
-    k_core, v_core = cca_pool_reference(q_last, k, v, group, scale)
-    return cca_attention_reference(q, k, v, k_core, v_core, group, window, scale, seqlens)
+    if group < 1 or window < 1:
+        raise ValueError(f"group and window must be >= 1, got group={group}, window={window}")
+    q_last = cca_core_queries(q, group, cu_seqlens)
+    k_core, v_core = cca_pool_reference(q_last, k, v, group, scale, cu_seqlens)
+    return cca_attention_reference(q, k, v, k_core, v_core, group, window, scale, seqlens, cu_seqlens=cu_seqlens)

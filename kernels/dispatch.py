@@ -28,24 +28,31 @@ def sparsek_attention(
     scale: float | None = None,
     seqlens: torch.Tensor | None = None,
     q_offsets: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SparseK attention (SPEC 1.4); see :func:`sparsek_attention_reference` for the layout."""
+    """SparseK attention (SPEC 1.4); see :func:`sparsek_attention_reference` for the layout
+    (padded rows with ``seqlens``/``q_offsets``, or packed documents with ``cu_seqlens``)."""
     if _use_triton(q):
         from .sparsek_triton import sparsek_attention_triton
 
-        return sparsek_attention_triton(q, k, v, scores, topk, window, scale, seqlens, q_offsets)
-    return sparsek_attention_reference(q, k, v, scores, topk, window, scale, seqlens, q_offsets)
+        return sparsek_attention_triton(q, k, v, scores, topk, window, scale, seqlens, q_offsets, cu_seqlens)
+    return sparsek_attention_reference(q, k, v, scores, topk, window, scale, seqlens, q_offsets, cu_seqlens)
 
 
 def cca_pool(
-    q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float | None = None
+    q_last: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: int,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CCA core tokens (SPEC 2.1); see :func:`cca_pool_reference`."""
     if _use_triton(k):
         from .cca_triton_pool import cca_pool_triton
 
-        return cca_pool_triton(q_last, k, v, group, scale)
-    return cca_pool_reference(q_last, k, v, group, scale)
+        return cca_pool_triton(q_last, k, v, group, scale, cu_seqlens)
+    return cca_pool_reference(q_last, k, v, group, scale, cu_seqlens)
 
 
 def cca_attention(
@@ -59,13 +66,14 @@ def cca_attention(
     scale: float | None = None,
     seqlens: torch.Tensor | None = None,
     q_offsets: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CCA attention over cores plus the raw window (SPEC 2.2-2.3); see :func:`cca_attention_reference`."""
     if _use_triton(q):
         from .cca_triton_attention import cca_attention_triton
 
-        return cca_attention_triton(q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets)
-    return cca_attention_reference(q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets)
+        return cca_attention_triton(q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets, cu_seqlens)
+    return cca_attention_reference(q, k, v, k_core, v_core, group, window, scale, seqlens, q_offsets, cu_seqlens)
 
 
 def cca_prefill(
@@ -76,13 +84,14 @@ def cca_prefill(
     window: int,
     scale: float | None = None,
     seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooling plus attention for a whole sequence; see :func:`cca_prefill_reference`."""
     if _use_triton(q):
         from .cca_triton_attention import cca_prefill_triton
 
-        return cca_prefill_triton(q, k, v, group, window, scale, seqlens)
-    return cca_prefill_reference(q, k, v, group, window, scale, seqlens)
+        return cca_prefill_triton(q, k, v, group, window, scale, seqlens, cu_seqlens)
+    return cca_prefill_reference(q, k, v, group, window, scale, seqlens, cu_seqlens)
 
 
 def gated_decode_attention(

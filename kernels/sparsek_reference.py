@@ -7,7 +7,12 @@ Layout (kernel-shaped, tensors in and out):
 * keys of row ``b`` are valid for ``j < seqlens[b]`` (right padding; ``None``: all valid);
 * query ``i`` of row ``b`` sits at position ``q_offsets[b] + i`` (``None``: ``Lk - Lq``, i.e. the
   queries are the last ``Lq`` keys). A query whose position is outside ``[0, seqlens[b])`` sees
-  nothing and outputs zeros.
+  nothing and outputs zeros;
+* packed documents (``cu_seqlens``, int ``[N + 1]``, cumulative lengths as in flash-attention's
+  varlen API): ``q`` ``[1, H, T, d]``, ``k``, ``v`` ``[1, Hkv, T, d]``, ``scores`` ``[1, Hkv, T]``;
+  document ``n`` holds tokens ``[cu[n], cu[n + 1])`` and behaves exactly like a batch row of its
+  own (queries == keys, causal); nothing crosses a document boundary. Excludes ``seqlens`` and
+  ``q_offsets``. The reference simply runs each document alone.
 
 Queries are processed in chunks, so memory is ``O(chunk x Lk)`` rather than ``O(Lq x Lk)``; when
 gradients are needed each chunk is recomputed in the backward pass (activation checkpointing), so
@@ -41,6 +46,29 @@ def key_lengths(batch: int, lk: int, seqlens: torch.Tensor | None, device: torch
     if seqlens is None:
         return torch.full((batch,), lk, dtype=torch.long, device=device)
     return seqlens.to(device=device, dtype=torch.long)
+
+
+def packed_bounds(
+    cu_seqlens: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    seqlens: torch.Tensor | None = None,
+    q_offsets: torch.Tensor | None = None,
+) -> list[int]:
+    """Check a packed batch (see the module docstring) and return ``cu_seqlens`` as Python ints.
+
+    One host copy of ``N + 1`` integers: the kernels size their grids from it.
+    """
+    if seqlens is not None or q_offsets is not None:
+        raise ValueError("cu_seqlens excludes seqlens and q_offsets: packed documents carry their own lengths")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError(f"cu_seqlens must be a 1D integer tensor [N + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if q.shape[0] != 1 or k.shape[0] != 1 or q.shape[2] != k.shape[2]:
+        raise ValueError(f"packed documents need q [1, H, T, d] and k [1, Hkv, T, d]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != q.shape[2] or any(b < a for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"cu_seqlens must rise from 0 to the {q.shape[2]} packed tokens, got {bounds}")
+    return bounds
 
 
 def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -131,16 +159,25 @@ def sparsek_attention_reference(
     scale: float | None = None,
     seqlens: torch.Tensor | None = None,
     q_offsets: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SparseK attention (SPEC 1.4): one softmax over window and top-k, gates on the values.
 
     Returns ``[B, H, Lq, d]`` in ``q``'s dtype; math runs in float32 (float64 for float64 input).
+    With ``cu_seqlens`` every packed document is run alone (obviously correct, not fast).
     """
     _check_shapes(q, k, v)
     if scores.shape != k.shape[:3]:
         raise ValueError(f"scores must be [B, Hkv, Lk] = {tuple(k.shape[:3])}, got {tuple(scores.shape)}")
     if topk < 1 or window < 1:
         raise ValueError(f"topk and window must be >= 1, got topk={topk}, window={window}")
+    if cu_seqlens is not None:
+        bounds = packed_bounds(cu_seqlens, q, k, seqlens, q_offsets)
+        docs = [
+            sparsek_attention_reference(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], scores[:, :, a:e], topk, window, scale)
+            for a, e in zip(bounds, bounds[1:], strict=False)
+        ]
+        return torch.cat(docs, dim=2)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
