@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cca_triton_attention import _n_cores
+from .cca_triton_attention import _n_cores, _row_layout
 from .triton_options import dot_options
 
 
@@ -114,16 +114,18 @@ def _tile_dkdv(
 
 @triton.jit
 def _dkdv_split_kernel(
-    Q, K, V, KC, VC, DO, LSE, DELTA, DK, DV, DKC, DVC, PDK, PDV, SEQ, OFF,
+    Q, K, V, KC, VC, DO, LSE, DELTA, DK, DV, DKC, DVC, PDK, PDV, SEQ, OFF, TOK, CST,
     sqb, sqh, sqm, skb, skh, skm, scb, sch, scm,
     Lq, Lk, N, n_core_tiles, pid_base, group, window, qk_scale, sm_scale,
     H: tl.constexpr, HKV: tl.constexpr, BH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_OFF: tl.constexpr, TWO_PASS: tl.constexpr,
-    PART: tl.constexpr,
+    PART: tl.constexpr, PACKED: tl.constexpr,
 ):
     """``PART``: 0 = core items then raw tiles in one grid; 1 = core items only; 2 = raw tiles
-    only (grid numbered from ``pid_base``). 1 and 2 compile one branch each (fewer registers)."""
+    only (grid numbered from ``pid_base``). 1 and 2 compile one branch each (fewer registers).
+    ``PACKED``: rows are packed documents (``_row_layout``); the partial workspace is then
+    ``[NSPLIT, Hkv, total cores, d]``, like the packed cores."""
     QPB: tl.constexpr = BLOCK_M // G
     pid = tl.program_id(0) + pid_base
     n_core_items = n_core_tiles * BH * NSPLIT
@@ -151,6 +153,7 @@ def _dkdv_split_kernel(
         off = tl.load(OFF + b)
     else:
         off = Lk - Lq
+    t0, c0, lq, lk, n_cores, sb = _row_layout(b, kv_len, TOK, CST, Lq, Lk, N, group, PACKED)
     n0 = tile * BLOCK_N
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
@@ -159,16 +162,16 @@ def _dkdv_split_kernel(
     pl = r // G
     hd = r % G
     rmask_rows = pl < QPB
-    head_off = b.to(tl.int64) * sqb + (hk * G + hd).to(tl.int64) * sqh
-    lse_base = (b * H + hk * G + hd).to(tl.int64) * Lq
+    head_off = b.to(tl.int64) * sqb + (hk * G + hd).to(tl.int64) * sqh + t0 * sqm
+    lse_base = (sb * H + hk * G + hd).to(tl.int64) * Lq + t0
     if is_core:
-        kv_mask = (cols < N)[:, None] & dmask[None, :]
-        kv_off = b.to(tl.int64) * scb + hk * sch + cols[:, None] * scm + offs_d[None, :]
+        kv_mask = (cols < n_cores)[:, None] & dmask[None, :]
+        kv_off = b.to(tl.int64) * scb + hk * sch + (c0 + cols[:, None]) * scm + offs_d[None, :]
         k = tl.load(KC + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(VC + kv_off, mask=kv_mask, other=0.0)
         # positions that see some core of the tile: from (n0 + 1) g + s - 1 to the end
         iq_lo = tl.maximum((n0 + 1) * group + window - 1 - off, 0)
-        iq_hi = tl.minimum(kv_len - off, Lq)
+        iq_hi = tl.minimum(kv_len - off, lq)
         n_blk = tl.maximum(tl.cdiv(iq_hi - iq_lo, QPB), 0)
         per = tl.cdiv(n_blk, NSPLIT) * QPB
         lo = iq_lo + piece * per
@@ -182,18 +185,21 @@ def _dkdv_split_kernel(
             tl.store(DKC + kv_off, (dk * sm_scale).to(DKC.dtype.element_ty), mask=kv_mask)
             tl.store(DVC + kv_off, dv.to(DVC.dtype.element_ty), mask=kv_mask)
         else:
-            p_off = ((piece * BH + bh).to(tl.int64) * N + cols[:, None]) * D + offs_d[None, :]
+            if PACKED:
+                p_off = ((piece * HKV + hk).to(tl.int64) * N + c0 + cols[:, None]) * D + offs_d[None, :]
+            else:
+                p_off = ((piece * BH + bh).to(tl.int64) * N + cols[:, None]) * D + offs_d[None, :]
             tl.store(PDK + p_off, dk, mask=kv_mask)
             tl.store(PDV + p_off, dv, mask=kv_mask)
     else:
-        kv_mask = (cols < Lk)[:, None] & dmask[None, :]
-        kv_off = b.to(tl.int64) * skb + hk * skh + cols[:, None] * skm + offs_d[None, :]
+        kv_mask = (cols < lk)[:, None] & dmask[None, :]
+        kv_off = b.to(tl.int64) * skb + hk * skh + (t0 + cols[:, None]) * skm + offs_d[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
         j_last = tl.maximum(tl.minimum(n0 + BLOCK_N, kv_len) - 1, 0)
         pos_last = tl.minimum((j_last // group + 1) * group + window - 2, kv_len - 1)
         iq_lo = tl.maximum(n0 - off, 0)
-        iq_hi = tl.minimum(pos_last - off + 1, Lq)
+        iq_hi = tl.minimum(pos_last - off + 1, lq)
         dk, dv = _tile_dkdv(
             Q, DO, LSE, DELTA, k, v, cols, n0, iq_lo, iq_hi, off, head_off, lse_base, pl, rmask_rows,
             offs_d, dmask, sqm, group, window, qk_scale,
@@ -249,26 +255,36 @@ def dkdv_split(
     q, k, v, k_core, v_core, do, lse, delta, dk, dv, dkc, dvc, seq, offs,
     group: int, window: int, scale: float, log2e: float,
     block_m: int, block_n: int, num_warps: int, num_stages: int, nsplit: int,
-    two_pass: bool = False, fuse: bool = True,
+    two_pass: bool = False, fuse: bool = True, packed=None,
 ) -> None:
-    """Fill ``dk, dv`` (raw) and ``dkc, dvc`` (cores); ``delta`` must already hold rowsum(O dO)."""
+    """Fill ``dk, dv`` (raw) and ``dkc, dvc`` (cores); ``delta`` must already hold rowsum(O dO).
+
+    ``packed``: a ``cca_triton_attention.PackedRows`` (rows = documents) or ``None``."""
     b, h, lq, d = q.shape
     hkv, lk, n = k.shape[1], k.shape[2], k_core.shape[2]
     g = h // hkv
     dp = max(16, triton.next_power_of_2(d))
-    bh = b * hkv
-    n_core_tiles = triton.cdiv(n, block_n)
+    if packed is None:
+        rows, n_grid, lk_grid = b, n, lk
+        seq_arg = seq if seq is not None else lse
+        off_arg = offs if offs is not None else lse
+        tok_arg = cst_arg = lse
+        sqb, skb, scb = q.stride(0), k.stride(0), k_core.stride(0)
+    else:
+        rows, n_grid, lk_grid = packed.rows, packed.max_cores, packed.max_len
+        seq_arg, off_arg, tok_arg, cst_arg = packed.length, lse, packed.tok, packed.core
+        sqb = skb = scb = 0
+    bh = rows * hkv
+    n_core_tiles = triton.cdiv(n_grid, block_n)
     if n_core_tiles == 0:
         nsplit = 1
-    if nsplit > 1:
-        pdk = torch.empty((nsplit, bh, n, d), device=q.device, dtype=torch.float32)
+    if nsplit > 1:  # packed: [NSPLIT, Hkv, total cores, d], the layout of the packed cores
+        pdk = torch.empty((nsplit, b * hkv, n, d), device=q.device, dtype=torch.float32)
         pdv = torch.empty_like(pdk)
     else:
         pdk = pdv = lse  # unused
-    seq_arg = seq if seq is not None else lse
-    off_arg = offs if offs is not None else lse
     n_core_items = n_core_tiles * bh * nsplit
-    n_raw_items = triton.cdiv(lk, block_n) * bh
+    n_raw_items = triton.cdiv(lk_grid, block_n) * bh
     if fuse:
         launches = [(0, 0, n_core_items + n_raw_items)]
     else:
@@ -277,17 +293,18 @@ def dkdv_split(
         if n_items == 0:
             continue
         _dkdv_split_kernel[(n_items,)](
-            q, k, v, k_core, v_core, do, lse, delta, dk, dv, dkc, dvc, pdk, pdv, seq_arg, off_arg,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            k_core.stride(0), k_core.stride(1), k_core.stride(2),
+            q, k, v, k_core, v_core, do, lse, delta, dk, dv, dkc, dvc, pdk, pdv, seq_arg, off_arg, tok_arg, cst_arg,
+            sqb, q.stride(1), q.stride(2), skb, k.stride(1), k.stride(2),
+            scb, k_core.stride(1), k_core.stride(2),
             lq, lk, n, n_core_tiles, pid_base, group, window, scale * log2e, scale,
             H=h, HKV=hkv, BH=bh, G=g, D=d, DP=dp, BLOCK_M=block_m, BLOCK_N=block_n, NSPLIT=nsplit,
-            HAS_SEQ=seq is not None, HAS_OFF=offs is not None, TWO_PASS=two_pass,
-            PART=part, num_warps=num_warps, num_stages=num_stages, **dot_options(q.dtype),
+            HAS_SEQ=packed is not None or seq is not None, HAS_OFF=packed is None and offs is not None,
+            TWO_PASS=two_pass, PART=part, PACKED=packed is not None, num_warps=num_warps, num_stages=num_stages,
+            **dot_options(q.dtype),
         )
-    if nsplit > 1:
+    if nsplit > 1:  # packed cores are [1, Hkv, total, d]: the same reduction over b * Hkv = Hkv rows
         block_r = 16 if q.device.type != "cuda" else 64
-        _reduce_kernel[(triton.cdiv(n, block_r), bh)](
+        _reduce_kernel[(triton.cdiv(n, block_r), b * hkv)](
             pdk, pdv, dkc, dvc, dkc.stride(0), dkc.stride(1), dkc.stride(2), n, scale,
-            HKV=hkv, BH=bh, D=d, DP=dp, BLOCK_R=block_r, NSPLIT=nsplit, num_warps=4,
+            HKV=hkv, BH=b * hkv, D=d, DP=dp, BLOCK_R=block_r, NSPLIT=nsplit, num_warps=4,
         )
