@@ -19,12 +19,18 @@ Backward (FlashAttention-2 style, recomputing P from the saved log-sum-exp): dQ 
 the block; dK, dV and the gate part of d(scores) are scattered with fp32 atomics since a key
 is visited by many blocks. The per-row sums ``sum_{F_i cap S_i} dp`` needed for the SPARSEK
 mean term (SPEC 1.3) are written per row and finished in :mod:`sparsek_triton`.
+
+Rows (``_row_item``): padded batches run a ``(block, b * Hkv + hk)`` grid; packed documents
+(``PACKED``) a ``(valid block of any document, hk)`` grid from a table, every tensor addressed
+through the document's first token ``row0`` (batch strides 0, per-token arrays ``[Hkv or H, T]``).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .sparsek_triton_select import _row_item
 
 
 @triton.jit
@@ -63,46 +69,45 @@ def _fwd_tile(acc, m_i, l_i, q, k, v, vis, gate, scale, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sparsek_fwd_kernel(
-    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, OUT, LSE,
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, OUT, LSE, BTAB, TOK,
     sqb, sqh, sql, skb, skh, skl, sob, soh, sol,
     Lq, Lk, window, scale, nblocks, cap,
     HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PACKED: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
+    b, blk, rb, row0, lq, slot = _row_item(tl.program_id(0), tl.program_id(1), BTAB, TOK, KVLEN, Lq, nblocks,
+                                         HKV, PACKED)
+    hk = rb % HKV
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     r = tl.arange(0, BM)
     g = r // BQ
     qi = blk * BQ + r % BQ
-    row_ok = (r < G * BQ) & (qi < Lq)
+    row_ok = (r < G * BQ) & (qi < lq)
     pos = off + qi
     q_ok = row_ok & (pos >= 0) & (pos < kvlen)
     h = hk * G + g
     d = tl.arange(0, BD)
     dm = d < D
-    qptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :]
+    qptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + (row0 + qi.to(tl.int64))[:, None] * sql + d[None, :]
     q = tl.load(qptr, mask=row_ok[:, None] & dm[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    so = bh.to(tl.int64) * Lq + qi
+    so = rb * Lq + row0 + qi
     tau = tl.load(TAU + so, mask=row_ok, other=0.0)
     thu = tl.load(THU + so, mask=row_ok, other=0.0)
     thj = tl.load(THJ + so, mask=row_ok, other=0)
-    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    ub = U + bh.to(tl.int64) * Lk
+    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+    ub = U + rb * Lk + row0
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
 
     # part A: the gathered selection of the block's first query
-    cnt = tl.load(CNT + bh * nblocks + blk)
-    ib = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    cnt = tl.load(CNT + slot)
+    ib = IDX + slot * cap
     for t0 in range(0, cnt, BN):
         t = t0 + tl.arange(0, BN)
         jm = t < cnt
@@ -118,7 +123,7 @@ def _sparsek_fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, vis, gate, scale, UPCAST)
 
     # part B: contiguous range after the first query's candidates (window + entering keys)
-    i_last = tl.minimum(blk * BQ + BQ, Lq) - 1
+    i_last = tl.minimum(blk * BQ + BQ, lq) - 1
     lo = tl.maximum(off + blk * BQ - window + 1, 0)
     hi = tl.minimum(off + i_last + 1, kvlen)
     for j0 in range(lo, hi, BN):
@@ -137,10 +142,10 @@ def _sparsek_fwd_kernel(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     out = tl.where(has[:, None], out, 0.0)
-    optr = OUT + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + qi.to(tl.int64)[:, None] * sol + d[None, :]
+    optr = OUT + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + (row0 + qi.to(tl.int64))[:, None] * sol + d[None, :]
     tl.store(optr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
-    tl.store(LSE + (b * HKV * G + h).to(tl.int64) * Lq + qi, lse, mask=row_ok)
+    tl.store(LSE + (rb * G + g) * Lq + row0 + qi, lse, mask=row_ok)
 
 
 @triton.jit
@@ -170,54 +175,53 @@ def _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale
 
 @triton.jit
 def _sparsek_bwd_kernel(
-    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DQ, DK, DV, DU, MROW,
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DQ, DK, DV, DU, MROW, BTAB, TOK,
     sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
     Lq, Lk, window, scale, nblocks, cap,
     HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PACKED: tl.constexpr,
 ):
-    """DK/DV/DU are fp32 buffers laid out [B, Hkv, Lk, D] / [B*Hkv, Lk]; DQ like Q (strides sq*)."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
+    """DK/DV/DU are fp32 buffers laid out [B, Hkv, Lk, D] / [B*Hkv, Lk]; DQ like Q (strides sq*).
+    Packed: [1, Hkv, T, D] / [Hkv, T]."""
+    b, blk, rb, row0, lq, slot = _row_item(tl.program_id(0), tl.program_id(1), BTAB, TOK, KVLEN, Lq, nblocks,
+                                         HKV, PACKED)
+    hk = rb % HKV
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     r = tl.arange(0, BM)
     g = r // BQ
     qi = blk * BQ + r % BQ
-    row_ok = (r < G * BQ) & (qi < Lq)
+    row_ok = (r < G * BQ) & (qi < lq)
     pos = off + qi
     q_ok = row_ok & (pos >= 0) & (pos < kvlen)
     h = hk * G + g
     d = tl.arange(0, BD)
     dm = d < D
     rm = row_ok[:, None] & dm[None, :]
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :],
-                mask=rm, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sdl + d[None, :],
-                 mask=rm, other=0.0)
+    tq = (row0 + qi.to(tl.int64))[:, None]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + tq * sql + d[None, :], mask=rm, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64)[:, None] * sdh + tq * sdl + d[None, :], mask=rm, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    so = bh.to(tl.int64) * Lq + qi
+    so = rb * Lq + row0 + qi
     tau = tl.load(TAU + so, mask=row_ok, other=0.0)
     thu = tl.load(THU + so, mask=row_ok, other=0.0)
     thj = tl.load(THJ + so, mask=row_ok, other=0)
-    sr = (b * HKV * G + h).to(tl.int64) * Lq + qi
+    sr = (rb * G + g) * Lq + row0 + qi
     lse = tl.load(LSE + sr, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + sr, mask=row_ok, other=0.0)
-    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    dkb = bh.to(tl.int64) * Lk * D
-    ub = U + bh.to(tl.int64) * Lk
-    dub = DU + bh.to(tl.int64) * Lk
+    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+    dkb = (rb * Lk + row0) * D
+    ub = U + rb * Lk + row0
+    dub = DU + rb * Lk + row0
 
     dq = tl.zeros([BM, BD], tl.float32)
     mrow = tl.zeros([BM], tl.float32)
 
-    cnt = tl.load(CNT + bh * nblocks + blk)
-    ib = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    cnt = tl.load(CNT + slot)
+    ib = IDX + slot * cap
     for t0 in range(0, cnt, BN):
         t = t0 + tl.arange(0, BN)
         jm = t < cnt
@@ -234,7 +238,7 @@ def _sparsek_bwd_kernel(
         dq, mrow = _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
                              DK, DV, dub, dkv_off, kvm, UPCAST)
 
-    i_last = tl.minimum(blk * BQ + BQ, Lq) - 1
+    i_last = tl.minimum(blk * BQ + BQ, lq) - 1
     lo = tl.maximum(off + blk * BQ - window + 1, 0)
     hi = tl.minimum(off + i_last + 1, kvlen)
     for j0 in range(lo, hi, BN):
@@ -252,6 +256,6 @@ def _sparsek_bwd_kernel(
         dq, mrow = _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
                              DK, DV, dub, dkv_off, kvm, UPCAST)
 
-    dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :]
+    dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + tq * sql + d[None, :]
     tl.store(dqp, (dq * scale).to(DQ.dtype.element_ty), mask=rm)
     tl.store(MROW + sr, mrow, mask=row_ok)

@@ -30,35 +30,38 @@ import triton
 import triton.language as tl
 
 from .sparsek_triton_attn import _visibility
+from .sparsek_triton_select import _row_item
 
 
 @triton.jit
-def _load_rows(Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, bh, i0, off, kvlen, Lq,
+def _load_rows(Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, rb, row0, i0, off, kvlen, lq, Lq,
                sqb, sqh, sql, sdb, sdh, sdl,
                HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,
                D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr):
-    """q, dO and the per-row statistics of one query block (``BM`` rows = G heads x BQ queries)."""
+    """q, dO and the per-row statistics of one query block (``BM`` rows = G heads x BQ queries).
+
+    Row addressing of ``_row_item``: ``rb``/``row0`` locate the row in the per-token arrays, ``lq``
+    is its query count (``Lq`` the token stride of those arrays)."""
     r = tl.arange(0, BM)
     g = r // BQ
     qi = i0 + r % BQ
-    row_ok = (r < G * BQ) & (qi < Lq)
+    row_ok = (r < G * BQ) & (qi < lq)
     pos = off + qi
     q_ok = row_ok & (pos >= 0) & (pos < kvlen)
     h = hk * G + g
     d = tl.arange(0, BD)
     rm = row_ok[:, None] & (d < D)[None, :]
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :],
-                mask=rm, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64)[:, None] * sdh + qi.to(tl.int64)[:, None] * sdl + d[None, :],
-                 mask=rm, other=0.0)
+    tq = (row0 + qi.to(tl.int64))[:, None]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + tq * sql + d[None, :], mask=rm, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64)[:, None] * sdh + tq * sdl + d[None, :], mask=rm, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    so = bh.to(tl.int64) * Lq + qi
+    so = rb * Lq + row0 + qi
     tau = tl.load(TAU + so, mask=row_ok, other=0.0)
     thu = tl.load(THU + so, mask=row_ok, other=0.0)
     thj = tl.load(THJ + so, mask=row_ok, other=0)
-    sr = (b * HKV * G + h).to(tl.int64) * Lq + qi
+    sr = (rb * G + g) * Lq + row0 + qi
     lse = tl.load(LSE + sr, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + sr, mask=row_ok, other=0.0)
     return q, do, tau, thu, thj, lse, delta, pos, q_ok, row_ok, h, qi, sr
@@ -80,33 +83,32 @@ def _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST
 
 @triton.jit
 def _sparsek_bwd_dq_kernel(
-    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DQ, MROW,
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DQ, MROW, BTAB, TOK,
     sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
     Lq, Lk, window, scale, nblocks, cap,
     HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PACKED: tl.constexpr,
 ):
     """dQ (like Q) and ``mrow`` (per-row ``sum_{F cap S} dp``) of one query block."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
+    b, blk, rb, row0, lq, slot = _row_item(tl.program_id(0), tl.program_id(1), BTAB, TOK, KVLEN, Lq, nblocks,
+                                         HKV, PACKED)
+    hk = rb % HKV
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     i0 = blk * BQ
     q, do, tau, thu, thj, lse, delta, pos, q_ok, row_ok, h, qi, sr = _load_rows(
-        Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, bh, i0, off, kvlen, Lq, sqb, sqh, sql, sdb, sdh, sdl,
+        Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, rb, row0, i0, off, kvlen, lq, Lq, sqb, sqh, sql, sdb, sdh, sdl,
         HKV, G, BQ, BM, D, BD, UPCAST)
     d = tl.arange(0, BD)
     dm = d < D
-    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    ub = U + bh.to(tl.int64) * Lk
+    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+    ub = U + rb * Lk + row0
     dq = tl.zeros([BM, BD], tl.float32)
     mrow = tl.zeros([BM], tl.float32)
 
-    cnt = tl.load(CNT + bh * nblocks + blk)
-    ib = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    cnt = tl.load(CNT + slot)
+    ib = IDX + slot * cap
     for t0 in range(0, cnt, BN):
         t = t0 + tl.arange(0, BN)
         jm = t < cnt
@@ -121,7 +123,7 @@ def _sparsek_bwd_dq_kernel(
         vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
         dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
 
-    i_last = tl.minimum(i0 + BQ, Lq) - 1
+    i_last = tl.minimum(i0 + BQ, lq) - 1
     lo = tl.maximum(off + i0 - window + 1, 0)
     hi = tl.minimum(off + i_last + 1, kvlen)
     for j0 in range(lo, hi, BN):
@@ -138,18 +140,18 @@ def _sparsek_bwd_dq_kernel(
         dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
 
     rm = row_ok[:, None] & dm[None, :]
-    dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + qi.to(tl.int64)[:, None] * sql + d[None, :]
+    dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + (row0 + qi.to(tl.int64))[:, None] * sql + d[None, :]
     tl.store(dqp, (dq * scale).to(DQ.dtype.element_ty), mask=rm)
     tl.store(MROW + sr, mrow, mask=row_ok)
 
 
 @triton.jit
 def _sparsek_bwd_dkdv_kernel(
-    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DK, DV, DU,
+    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DK, DV, DU, STAB, TOK,
     sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
     Lq, Lk, window, scale, nsb, cap, ntiles_a,
     HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+    BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PACKED: tl.constexpr,
 ):
     """One key tile of one super-block (``NSUB`` query blocks): dK, dV (fp32 ``[B, Hkv, Lk, D]``)
     and the gate part of d(scores) (``[B*Hkv, Lk]``), accumulated over the super-block, added once.
@@ -158,21 +160,20 @@ def _sparsek_bwd_dkdv_kernel(
     from the contiguous range ``(c_{I0}, last position]``.
     """
     tile = tl.program_id(0)
-    sb = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // HKV
-    hk = bh % HKV
+    # super-block sb of row b (packed documents: the grid runs over a table of valid super-blocks)
+    b, sb, rb, row0, lq, sslot = _row_item(tl.program_id(1), tl.program_id(2), STAB, TOK, KVLEN, Lq, nsb, HKV, PACKED)
+    hk = rb % HKV
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     I0 = sb * (BQ * NSUB)
-    last = tl.minimum(I0 + BQ * NSUB, Lq) - 1
+    last = tl.minimum(I0 + BQ * NSUB, lq) - 1
     d = tl.arange(0, BD)
     dm = d < D
     if tile < ntiles_a:
-        cnt = tl.load(CNT + bh * nsb + sb)
+        cnt = tl.load(CNT + sslot)
         t = tile * BN + tl.arange(0, BN)
         jm = t < cnt
-        j = tl.load(IDX + (bh.to(tl.int64) * nsb + sb) * cap + t, mask=jm, other=0)
+        j = tl.load(IDX + sslot * cap + t, mask=jm, other=0)
         first = tl.full([], 0, tl.int32)  # list keys are candidates of every query: no block to skip
     else:
         lo = tl.maximum(off + I0 - window + 1, 0)
@@ -183,23 +184,23 @@ def _sparsek_bwd_dkdv_kernel(
         first = tl.maximum(lo + (tile - ntiles_a) * BN - off - I0 - BQ + 1, 0) // BQ
     if tl.max(jm.to(tl.int32), 0) > 0:
         kvm = jm[:, None] & dm[None, :]
-        kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-        vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+        vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
         kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
         vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        u = tl.load(U + bh.to(tl.int64) * Lk + j, mask=jm, other=0.0)
+        u = tl.load(U + rb * Lk + row0 + j, mask=jm, other=0.0)
         dk = tl.zeros([BN, BD], tl.float32)
         dv = tl.zeros([BN, BD], tl.float32)
         du = tl.zeros([BN], tl.float32)
         for s in range(first, NSUB):
             i0 = I0 + s * BQ
-            if i0 < Lq:
+            if i0 < lq:
                 q, do, tau, thu, thj, lse, delta, pos, q_ok, row_ok, h, qi, sr = _load_rows(
-                    Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, bh, i0, off, kvlen, Lq, sqb, sqh, sql, sdb, sdh, sdl,
-                    HKV, G, BQ, BM, D, BD, UPCAST)
+                    Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, rb, row0, i0, off, kvlen, lq, Lq, sqb, sqh, sql, sdb, sdh,
+                    sdl, HKV, G, BQ, BM, D, BD, UPCAST)
                 vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
                 sc = tl.dot(q, tl.trans(kt)) * scale
                 p = tl.where(vis, tl.exp(sc - lse[:, None]), 0.0)
@@ -213,7 +214,7 @@ def _sparsek_bwd_dkdv_kernel(
                     dv += tl.dot(tl.trans(w.to(do.dtype)), do)
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
                 du += tl.sum(tl.where(frac, dw * p, 0.0), 0)
-        dkv = (bh.to(tl.int64) * Lk + j.to(tl.int64))[:, None] * D + d[None, :]
+        dkv = (rb * Lk + row0 + j.to(tl.int64))[:, None] * D + d[None, :]
         tl.atomic_add(DV + dkv, dv, mask=kvm)
         tl.atomic_add(DK + dkv, dk * scale, mask=kvm)
-        tl.atomic_add(DU + bh.to(tl.int64) * Lk + j, du, mask=jm)
+        tl.atomic_add(DU + rb * Lk + row0 + j, du, mask=jm)

@@ -76,6 +76,50 @@ def _n_cand(qi, off, kvlen, window):
 
 
 @triton.jit
+def _row_of(bh, TOK, KVLEN, Lq, HKV: tl.constexpr, PACKED: tl.constexpr):
+    """Row ``b`` of the program axis ``bh = b * HKV + hk``: ``(b, rb, row0, lq)``.
+
+    Padded batches: the per-token arrays (``u``, ``tau``, ...) are ``[B*Hkv, L]``, ``rb = bh``,
+    ``row0 = 0``, ``lq = Lq``. Packed documents (see ``PackedDocs``): they are ``[Hkv, T]``,
+    ``rb = hk``, ``row0`` is the document's first token and ``lq`` its length; row ``rb``'s token
+    ``i`` is at ``rb * Lq + row0 + i`` either way (``Lq = T`` when packed).
+    """
+    b = bh // HKV
+    if PACKED:
+        rb = (bh % HKV).to(tl.int64)
+        row0 = tl.load(TOK + b).to(tl.int64)
+        lq = tl.load(KVLEN + b)
+    else:
+        rb = bh.to(tl.int64)
+        row0 = 0
+        lq = Lq
+    return b, rb, row0, lq
+
+
+@triton.jit
+def _row_item(pid, pid_row, TAB, TOK, KVLEN, Lq, NITEMS, HKV: tl.constexpr, PACKED: tl.constexpr):
+    """``(b, item, rb, row0, lq, slot)`` of a program over per-row items (query blocks, band intervals).
+
+    Padded: the grid is ``(item, b * HKV + hk)``. Packed: it is ``(valid item of any document, hk)``
+    and ``TAB[pid] = (document, item)``, so no program falls past a document's end. ``slot`` indexes
+    the per-item arrays ``[rows rb, NITEMS, ...]`` (``NITEMS`` = items per row; packed: all items).
+    """
+    if PACKED:
+        b = tl.load(TAB + 2 * pid)
+        item = tl.load(TAB + 2 * pid + 1)
+        rb = pid_row.to(tl.int64)
+        row0 = tl.load(TOK + b).to(tl.int64)
+        lq = tl.load(KVLEN + b)
+    else:
+        b = pid_row // HKV
+        item = pid
+        rb = pid_row.to(tl.int64)
+        row0 = 0
+        lq = Lq
+    return b, item, rb, row0, lq, rb * NITEMS + pid
+
+
+@triton.jit
 def _full_select(ub, n, topk, BQ: tl.constexpr, BN: tl.constexpr):
     """Exact ``tau, theta_u, theta_j, |F|`` for the prefixes ``[0, n)`` by streaming them (O(n) x 36)."""
     big = n > topk
@@ -184,23 +228,23 @@ def _full_select(ub, n, topk, BQ: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _anchor_kernel(
-    U, OFF, KVLEN, TAU, THU, THJ, NFRAC,
+    U, OFF, KVLEN, TAU, THU, THJ, NFRAC, TOK,
     Lq, Lk, topk, window, stride, nq,
-    BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr,
+    BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr,
 ):
-    """Full path at queries ``min(t * stride, Lq - 1)``, ``t < nq`` (``stride == 1``: every query)."""
+    """Full path at queries ``min(t * stride, lq - 1)``, ``t < nq`` and ``t <= cdiv(lq - 1, stride)``
+    (``stride == 1``: every query; ``lq``: the row's queries, below ``Lq`` for short packed documents)."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
+    b, rb, row0, lq = _row_of(tl.program_id(1), TOK, KVLEN, Lq, HKV, PACKED)
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     t = pid * BQ + tl.arange(0, BQ)
-    tmask = t < nq
-    qi = tl.minimum(t * stride, Lq - 1)
+    tmask = (t < nq) & (t * stride < lq - 1 + stride)
+    qi = tl.minimum(t * stride, lq - 1)
     n = tl.where(tmask, _n_cand(qi, off, kvlen, window), 0)
-    ub = U + bh.to(tl.int64) * Lk
+    ub = U + rb * Lk + row0
     tau, thu, thj, nfr = _full_select(ub, n, topk, BQ, BN)
-    o = bh.to(tl.int64) * Lq + qi
+    o = rb * Lq + row0 + qi
     tl.store(TAU + o, tau, mask=tmask)
     tl.store(THU + o, thu, mask=tmask)
     tl.store(THJ + o, thj, mask=tmask)
@@ -215,33 +259,30 @@ def _margin(t):
 
 @triton.jit
 def _band_build_kernel(
-    U, OFF, KVLEN, TAU, THU, EJ, EU, FJ, FU, LJ, CF, CI,
+    U, OFF, KVLEN, TAU, THU, EJ, EU, FJ, FU, LJ, CF, CI, ITAB, TOK,
     Lq, Lk, window, S, M, CAP_E, CAP_F, CAP_L,
-    BUILD_LIST: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr,
+    BUILD_LIST: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr,
 ):
     """One interval ``[a, b] = [m S, min((m + 1) S, Lq - 1)]``: constants of ``[0, n_a)`` and edge lists.
 
     ``CF[., :4] = tlo, thi, sum_lin (u - shift), shift``; ``CI[., :6] = #one, #lin, #above theta_b,
     #tau edges, #theta edges, #list`` (counts may exceed the capacities: the readers check).
     """
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
+    b, m, rb, row0, lq, slot = _row_item(tl.program_id(0), tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     qa = m * S
-    qb = tl.minimum(qa + S, Lq - 1)
+    qb = tl.minimum(qa + S, lq - 1)
     na = _n_cand(qa, off, kvlen, window)
     nb = _n_cand(qb, off, kvlen, window)
-    so = bh.to(tl.int64) * Lq
+    so = rb * Lq + row0
     tau_a = tl.load(TAU + so + qa)
     tau_b = tl.load(TAU + so + qb)
     clo = tl.load(THU + so + qa)
     chi = tl.load(THU + so + qb)
     tlo = tau_a - _margin(tau_a)
     thi = tau_b + _margin(tau_b)
-    ub = U + bh.to(tl.int64) * Lk
-    slot = bh.to(tl.int64) * M + m
+    ub = U + rb * Lk + row0
     ejb = EJ + slot * CAP_E
     eub = EU + slot * CAP_E
     fjb = FJ + slot * CAP_F
@@ -336,32 +377,29 @@ def _band_c(tc, ca, fjb, fub, cf, n, BE: tl.constexpr):
 
 @triton.jit
 def _band_select_kernel(
-    U, OFF, KVLEN, TAU, THU, THJ, NFRAC, EJ, EU, FJ, FU, CF, CI,
+    U, OFF, KVLEN, TAU, THU, THJ, NFRAC, EJ, EU, FJ, FU, CF, CI, ITAB, TOK,
     Lq, Lk, topk, window, S, R, M, TPI, CAP_E, CAP_F,
-    BQ: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, HKV: tl.constexpr,
+    BQ: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Queries ``m S + t R`` (``1 <= t < S / R``, below ``Lq - 1``) of interval ``m`` from its bracket."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    m = pid // TPI
+    b, m, rb, row0, lq, slot = _row_item(pid // TPI, tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
     t = (pid % TPI) * BQ + tl.arange(0, BQ)
     qi = m * S + t * R
-    tmask = (t >= 1) & (t * R < S) & (qi < Lq - 1)
+    tmask = (t >= 1) & (t * R < S) & (qi < lq - 1)
     if tl.max(tmask.to(tl.int32), 0) > 0:
-        b = bh // HKV
         off = tl.load(OFF + b)
         kvlen = tl.load(KVLEN + b)
         n = tl.where(tmask, _n_cand(qi, off, kvlen, window), 0)
         nmax = tl.max(n, 0)
         kf = topk * 1.0
-        so = bh.to(tl.int64) * Lq
-        ub = U + bh.to(tl.int64) * Lk
+        so = rb * Lq + row0
+        ub = U + rb * Lk + row0
         qa = m * S
         na = _n_cand(qa, off, kvlen, window)
         tau_a = tl.load(TAU + so + qa)
         clo = tl.load(THU + so + qa)
-        chi = tl.load(THU + so + tl.minimum(qa + S, Lq - 1))
-        slot = bh.to(tl.int64) * M + m
+        chi = tl.load(THU + so + tl.minimum(qa + S, lq - 1))
         tlo = tl.load(CF + slot * 4 + 0)
         thi = tl.load(CF + slot * 4 + 1)
         sl0 = tl.load(CF + slot * 4 + 2)
@@ -513,32 +551,42 @@ def _band_select_kernel(
 
 @triton.jit
 def _block_list_kernel(
-    U, OFF, KVLEN, THU, THJ, IDX, CNT, LJ, CI,
+    U, OFF, KVLEN, THU, THJ, IDX, CNT, LJ, CI, BTAB, TOK, IST,
     Lq, Lk, window, nblocks, cap, S, M, CAP_L,
-    HAS_LIST: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr,
+    HAS_LIST: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Compact ``S_{i0}`` (first query of each block) into ``IDX[bh, blk, :CNT]``, sorted by j.
 
     The keys come from the interval list ``{j < n_b : u_j >= theta_a}`` when there is one that did
     not overflow (every key of ``S_{i0}`` has ``u_j >= theta_{i0} >= theta_a``), else from the prefix.
+    Packed documents: blocks come from ``BTAB``; a document's intervals start at ``IST[b]``.
     """
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
+    b, blk, rb, row0, lq, bslot = _row_item(tl.program_id(0), tl.program_id(1), BTAB, TOK, KVLEN, Lq, nblocks,
+                                          HKV, PACKED)
     off = tl.load(OFF + b)
     kvlen = tl.load(KVLEN + b)
     i0 = blk * BQ
     n0 = _n_cand(i0, off, kvlen, window)
-    thu = tl.load(THU + bh.to(tl.int64) * Lq + i0)
-    thj = tl.load(THJ + bh.to(tl.int64) * Lq + i0)
-    ub = U + bh.to(tl.int64) * Lk
-    out = IDX + (bh.to(tl.int64) * nblocks + blk) * cap
+    thu = tl.load(THU + rb * Lq + row0 + i0)
+    thj = tl.load(THJ + rb * Lq + row0 + i0)
+    ub = U + rb * Lk + row0
+    out = IDX + bslot * cap
     total = n0
     use = 0
-    slot = bh.to(tl.int64) * M + tl.minimum(i0 // S, M - 1)
+    if PACKED:  # the document's own intervals (none when it has one token: slot clamped, unused)
+        m0 = 0
+        m_row = 0
+        if HAS_LIST:
+            m0 = tl.load(IST + b)
+            m_row = tl.load(IST + b + 1) - m0
+        slot = rb * M + tl.minimum(m0 + tl.maximum(tl.minimum(i0 // S, m_row - 1), 0), M - 1)
+    else:
+        slot = rb * M + tl.minimum(i0 // S, M - 1)
     if HAS_LIST:
         lcnt = tl.load(CI + slot * 8 + 5)
         use = (lcnt <= CAP_L).to(tl.int32)
+        if PACKED:
+            use = tl.where(m_row > 0, use, 0)
         total = tl.where(use > 0, lcnt, n0)
     ljb = LJ + slot * CAP_L
     cnt = 0
@@ -554,7 +602,7 @@ def _block_list_kernel(
         pos = cnt + tl.cumsum(si, 0) - 1
         tl.store(out + pos, j, mask=sel)
         cnt += tl.sum(si, 0)
-    tl.store(CNT + bh * nblocks + blk, cnt)
+    tl.store(CNT + bslot, cnt)
 
 
 def default_strides(lq: int) -> tuple[int, ...]:
@@ -564,6 +612,79 @@ def default_strides(lq: int) -> tuple[int, ...]:
     if lq > 1024:
         return (256, 1)
     return (1,)
+
+
+class PackedDocs:
+    """Packed documents (``cu_seqlens``) as rows of the SparseK kernels; empty documents dropped.
+
+    Row ``b`` is a document: ``length[b]`` tokens from ``tok[b]`` on in the token axis, queries ==
+    keys (``off[b] = 0``). Per-token arrays (``u``, ``tau``, ...) are ``[Hkv, T]`` (``[H, T]`` per
+    query head): no padded copy. Kernels over per-row items (query blocks, band intervals) run over
+    a table of the valid ``(document, item)`` pairs instead of a padded grid (see ``_row_item``).
+    Built from the host copy of ``cu_seqlens``; the tables are cached per block/interval size.
+    """
+
+    def __init__(self, bounds: list[int], device: torch.device):
+        docs = [(a, e - a) for a, e in zip(bounds, bounds[1:], strict=False) if e > a]
+        self.rows = len(docs)
+        self.total = bounds[-1]
+        self.lengths = [n for _, n in docs]
+        self.max_len = max(self.lengths, default=0)
+        table = torch.tensor([[a for a, _ in docs], self.lengths, [0] * self.rows], dtype=torch.int32)
+        table = table.to(device)
+        self.tok, self.length, self.off = table[0], table[1], table[2]
+        self.device = device
+        self._cache: dict = {}
+
+    def _items(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        n = int(counts.sum())
+        doc = torch.repeat_interleave(torch.arange(self.rows), counts)
+        first = torch.cumsum(counts, 0) - counts
+        table = torch.zeros((max(n, 1), 2), dtype=torch.int32)
+        table[:n, 0] = doc.to(torch.int32)
+        table[:n, 1] = (torch.arange(n) - first[doc]).to(torch.int32)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(torch.int32)
+        return table.to(self.device), starts.to(self.device), n
+
+    def blocks(self, block_q: int) -> tuple[torch.Tensor, int]:
+        """``(table [n, 2] of (document, block), n)`` for query blocks of ``block_q`` queries."""
+        key = ("blocks", block_q)
+        if key not in self._cache:
+            lengths = torch.tensor(self.lengths, dtype=torch.long)
+            table, _, n = self._items(torch.div(lengths + block_q - 1, block_q, rounding_mode="floor"))
+            self._cache[key] = (table, n)
+        return self._cache[key]
+
+    def intervals(self, s: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(table of (document, interval), first interval of each document [rows + 1], n)``:
+        band intervals ``[m s, min((m + 1) s, length - 1)]``, ``cdiv(length - 1, s)`` per document."""
+        key = ("intervals", s)
+        if key not in self._cache:
+            lengths = torch.tensor(self.lengths, dtype=torch.long)
+            self._cache[key] = self._items(torch.div(lengths - 1 + s - 1, s, rounding_mode="floor"))
+        return self._cache[key]
+
+    def token_doc(self) -> torch.Tensor:
+        """Row (document) of every packed token, ``[T]`` int64 (tokens of empty documents: none)."""
+        if "token_doc" not in self._cache:
+            lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+            self._cache["token_doc"] = torch.repeat_interleave(torch.arange(self.rows, device=self.device), lengths)
+        return self._cache["token_doc"]
+
+
+def segment_key(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like ``(seg, x)`` for float32 ``x`` ``[..., T]`` and segments ``seg``
+    ``[T]`` (non-decreasing): one cummax/searchsorted over a packed row then never crosses a document."""
+    b = (x + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 -> 0.0, so the order is float equality
+    ordered = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(torch.int64) + 2**31
+    return seg * 2**32 + ordered
+
+
+def _segment_cummax(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Running maximum of float32 ``x`` ``[R, T]`` along dim 1, restarted at every segment."""
+    key = torch.cummax(segment_key(x, seg), dim=1).values
+    b = ((key & 0xFFFFFFFF) - 2**31).to(torch.int32)
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 @dataclass
@@ -590,15 +711,21 @@ def sparsek_selection(
     hkv: int, strides: tuple[int, ...] | None = None, block_q: int = 32, block_n: int = 256,
     anchor_block_q: int = 4, anchor_block_n: int = 1024, build_block_n: int = 1024,
     band_block_q: int = 32, band_block_e: int = 64, caps: tuple[int, int] | None = None,
+    packed: PackedDocs | None = None,
 ) -> Selection:
     """Thresholds and top-k boundaries of every query of ``u`` ``[B*Hkv, Lk]`` float32 (see module doc).
 
     ``strides``: decreasing, each a multiple of the next, ending in 1 (default :func:`default_strides`).
     ``caps``: capacities of the tau / theta edge lists per interval (default: from the interval size);
     overflowing intervals take the full path, so caps change speed, never results.
+    ``packed``: ``u`` is ``[Hkv, T]`` of packed documents (``lq = T``, ``offsets``/``kv_len`` are
+    ``packed.off``/``packed.length``); the results are ``[Hkv, T]`` too, levels follow the longest one.
     """
     bh, lk = u.shape
-    strides = tuple(strides) if strides is not None else default_strides(lq)
+    lq_grid = lq if packed is None else packed.max_len
+    rows = bh if packed is None else packed.rows * hkv  # grid rows of the per-row kernels
+    tok = offsets if packed is None else packed.tok
+    strides = tuple(strides) if strides is not None else default_strides(lq_grid)
     if not strides or strides[-1] != 1 or any(a % b or a <= b for a, b in zip(strides, strides[1:], strict=False)):
         raise ValueError(f"strides must decrease to 1, each a multiple of the next; got {strides}")
     dev = u.device
@@ -608,13 +735,17 @@ def sparsek_selection(
     thj = torch.empty(shape, device=dev, dtype=torch.int32)
     nfrac = torch.empty_like(thj)
     s0 = strides[0]
-    nq = triton.cdiv(lq - 1, s0) + 1
+    nq = triton.cdiv(lq_grid - 1, s0) + 1
     bq0, bn0 = (block_q, block_n) if s0 == 1 else (anchor_block_q, anchor_block_n)
-    _anchor_kernel[(triton.cdiv(nq, bq0), bh)](u, offsets, kv_len, tau, thu, thj, nfrac, lq, lk, topk, window,
-                                               s0, nq, BQ=bq0, BN=bn0, HKV=hkv)
+    _anchor_kernel[(triton.cdiv(nq, bq0), rows)](u, offsets, kv_len, tau, thu, thj, nfrac, tok, lq, lk, topk,
+                                                 window, s0, nq, BQ=bq0, BN=bn0, HKV=hkv, PACKED=packed is not None)
     lists = None
     for level, (s, r) in enumerate(zip(strides, strides[1:], strict=False)):
-        m = triton.cdiv(lq - 1, s)
+        if packed is None:
+            m, grid_rows, itab = triton.cdiv(lq - 1, s), bh, offsets
+        else:  # every valid interval of every document, one program row per KV head
+            itab, _, m = packed.intervals(s)
+            grid_rows = hkv
         if m == 0:
             break
         last = level == len(strides) - 2
@@ -627,18 +758,22 @@ def sparsek_selection(
         lj = torch.empty((bh, m, cap_l), device=dev, dtype=torch.int32)
         cf = torch.empty((bh, m, 4), device=dev, dtype=torch.float32)
         ci = torch.empty((bh, m, 8), device=dev, dtype=torch.int32)
-        _band_build_kernel[(m, bh)](u, offsets, kv_len, tau, thu, ej, eu, fj, fu, lj, cf, ci,
-                                    lq, lk, window, s, m, cap_e, cap_f, cap_l,
-                                    BUILD_LIST=last, BN=build_block_n, HKV=hkv)
+        _band_build_kernel[(m, grid_rows)](u, offsets, kv_len, tau, thu, ej, eu, fj, fu, lj, cf, ci, itab, tok,
+                                           lq, lk, window, s, m, cap_e, cap_f, cap_l,
+                                           BUILD_LIST=last, BN=build_block_n, HKV=hkv, PACKED=packed is not None)
         bq = min(band_block_q, triton.next_power_of_2(s // r))
         tpi = triton.cdiv(s // r, bq)
-        _band_select_kernel[(m * tpi, bh)](u, offsets, kv_len, tau, thu, thj, nfrac, ej, eu, fj, fu, cf, ci,
-                                           lq, lk, topk, window, s, r, m, tpi, cap_e, cap_f,
-                                           BQ=bq, BN=block_n, BE=band_block_e, HKV=hkv)
+        _band_select_kernel[(m * tpi, grid_rows)](u, offsets, kv_len, tau, thu, thj, nfrac, ej, eu, fj, fu, cf, ci,
+                                                  itab, tok, lq, lk, topk, window, s, r, m, tpi, cap_e, cap_f,
+                                                  BQ=bq, BN=block_n, BE=band_block_e, HKV=hkv,
+                                                  PACKED=packed is not None)
         if last:
             lists = (lj, ci, s, m, cap_l)
     # tau is monotone in exact arithmetic (SPEC 1.3); forward and backward use this monotone value.
-    tau = torch.cummax(tau, dim=1).values
+    if packed is None:
+        tau = torch.cummax(tau, dim=1).values
+    else:  # per document
+        tau = _segment_cummax(tau, packed.token_doc())
     return Selection(tau, thu, thj, nfrac, lists)
 
 
@@ -655,11 +790,21 @@ def sparsek_block_lists(
     u: torch.Tensor, offsets: torch.Tensor, kv_len: torch.Tensor, thu: torch.Tensor, thj: torch.Tensor,
     lq: int, topk: int, window: int, hkv: int, block_q: int, block_n: int = 256,
     lists: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None,
+    packed: PackedDocs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selected keys of each query block's first query: ``idx [BH, nblocks, cap]``, ``cnt [BH, nblocks]``."""
+    """Selected keys of each query block's first query: ``idx [BH, nblocks, cap]``, ``cnt [BH, nblocks]``.
+
+    ``packed``: ``idx [Hkv, blocks of all documents, cap]`` in the order of ``packed.blocks(block_q)``.
+    """
     bh, lk = u.shape
-    nblocks = triton.cdiv(lq, block_q)
-    cap = max(1, min(topk, lk))
+    if packed is None:
+        nblocks = triton.cdiv(lq, block_q)
+        cap = max(1, min(topk, lk))
+        grid, btab, tok = (nblocks, bh), offsets, offsets
+    else:
+        btab, nblocks = packed.blocks(block_q)
+        cap = max(1, min(topk, packed.max_len))
+        grid, tok = (nblocks, hkv), packed.tok
     idx = torch.empty((bh, nblocks, cap), device=u.device, dtype=torch.int32)
     cnt = torch.empty((bh, nblocks), device=u.device, dtype=torch.int32)
     if lists is None:
@@ -667,6 +812,9 @@ def sparsek_block_lists(
         s, m, cap_l = 1, 1, 0
     else:
         lj, ci, s, m, cap_l = lists
-    _block_list_kernel[(nblocks, bh)](u, offsets, kv_len, thu, thj, idx, cnt, lj, ci, lq, lk, window, nblocks, cap,
-                                      s, m, cap_l, HAS_LIST=lists is not None, BQ=block_q, BN=block_n, HKV=hkv)
+    ist = packed.intervals(s)[1] if packed is not None and lists is not None else tok
+    if nblocks > 0:
+        _block_list_kernel[grid](u, offsets, kv_len, thu, thj, idx, cnt, lj, ci, btab, tok, ist, lq, lk, window,
+                                 nblocks, cap, s, m, cap_l, HAS_LIST=lists is not None, BQ=block_q, BN=block_n,
+                                 HKV=hkv, PACKED=packed is not None)
     return idx, cnt
