@@ -9,7 +9,10 @@ How the sparse path hangs into transformers:
 * the attention function (``sparse_attention_forward``) and its mask function are registered with
   transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` under the name ``"sparsek"``;
   the mask function returns the 2D padding mask (or ``None``), like the flash-attention one;
-* with ``attn_implementation="sdpa"`` (or ``"eager"``) the same weights run dense, unchanged.
+* with ``attn_implementation="sdpa"`` (or ``"eager"``) the same weights run dense, unchanged;
+* packed sequences (several documents in one row, as ``DataCollatorWithFlattening`` makes them):
+  when transformers passes flash-attention's ``cu_seq_lens_q``/``cu_seq_lens_k``, or position ids
+  that restart inside a row, the ops get ``cu_seqlens`` and no document sees another.
 
 Loaded without an explicit ``attn_implementation``, a converted model runs sparse.
 
@@ -42,8 +45,10 @@ from .configuration_sparsek import (
 
 try:  # the installed package: Triton kernels on CUDA, references elsewhere
     from sparsek.kernels import cca_attention, cca_pool, sparsek_attention
+    from sparsek.kernels.cca_reference import cca_core_queries
 except ImportError:  # a converted folder loaded with plain transformers
     from .cca_reference import cca_attention_reference as cca_attention
+    from .cca_reference import cca_core_queries
     from .cca_reference import cca_pool_reference as cca_pool
     from .sparsek_reference import sparsek_attention_reference as sparsek_attention
 
@@ -116,6 +121,58 @@ def _roll_seq(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 2, idx.view(view).expand_as(t))
 
 
+# --- packed sequences: several documents in one row ---------------------------------------------
+
+
+def _packed_documents(kwargs: dict, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """``cu_seqlens`` over the flattened ``[batch * length]`` tokens, or ``None`` when nothing is packed.
+
+    From flash-attention's ``cu_seq_lens_q``/``cu_seq_lens_k`` when transformers passes them, else
+    from ``position_ids``: a document starts wherever the position does not follow the previous
+    one by 1 (transformers' own packed-sequence rule, ``find_packed_sequence_indices``), and at
+    every row start.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is not None and cu_k is not None and not torch.equal(cu_q.cpu(), cu_k.cpu()):
+            raise ValueError("sparse attention needs cu_seq_lens_q == cu_seq_lens_k (queries are the keys)")
+        cu = (cu_q if cu_q is not None else cu_k).to(device=device, dtype=torch.int32)
+        if int(cu[-1]) != batch * length:
+            raise ValueError(f"cu_seq_lens cover {int(cu[-1])} tokens, the batch holds {batch * length}")
+        return None if batch == 1 and cu.numel() == 2 else cu
+    pos = kwargs.get("position_ids")
+    if pos is None or length < 2 or pos.shape[-1] != length:
+        return None
+    pos = pos.to(device).reshape(-1, length).expand(batch, length)
+    restart = torch.diff(pos, dim=-1) != 1
+    if not bool(restart.any()):
+        return None
+    starts = torch.cat([torch.ones_like(restart[:, :1]), restart], dim=-1).reshape(-1).nonzero().reshape(-1)
+    return torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)
+
+
+def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, ...]`` -> ``[1, H, B * L, ...]`` (one packed row)."""
+    if t.shape[0] == 1:
+        return t
+    return t.transpose(0, 1).reshape(1, t.shape[1], t.shape[0] * t.shape[2], *t.shape[3:])
+
+
+def _packed_attention(s, query, key, value, extra, scaling, cu_seqlens) -> torch.Tensor:
+    """The op over packed documents; ``[B, H, L, d]`` in and out, rows flattened into one."""
+    batch, length = query.shape[0], query.shape[2]
+    query, key, value, extra = (_flatten_rows(t) for t in (query, key, value, extra))
+    if s.method == "sparsek":
+        out = sparsek_attention(query, key, value, extra, s.topk, s.window, scaling, cu_seqlens=cu_seqlens)
+    else:
+        g = s.group
+        k_core, v_core = cca_pool(cca_core_queries(query, g, cu_seqlens), key, value, g, scaling, cu_seqlens)
+        out = cca_attention(query, key, value, k_core, v_core, g, s.cca_window, scaling, cu_seqlens=cu_seqlens)
+    if batch == 1:
+        return out
+    return out.reshape(out.shape[1], batch, length, out.shape[3]).transpose(0, 1)
+
+
 # --- the registered attention and mask functions ------------------------------------------------
 
 
@@ -148,6 +205,11 @@ def sparse_attention_forward(
         extra = _append_state(sparse_cache, layer, "queries", query, seq_dim=2)[:, :, -lk:]
     if extra.shape[2] != lk:
         raise RuntimeError(f"sparse state covers {extra.shape[2]} tokens but the cache holds {lk}")
+    if attention_mask is None and lq == lk:
+        cu_seqlens = _packed_documents(kwargs, query.shape[0], lq, query.device)
+        if cu_seqlens is not None:
+            out = _packed_attention(s, query, key, value, extra, scaling, cu_seqlens)
+            return out.transpose(1, 2).contiguous(), None
 
     seqlens = q_offsets = shift = None
     if attention_mask is not None:
