@@ -75,20 +75,18 @@ def _fwd_bwd(f, do, leaves):
 
 
 def _use_variant(variant: str) -> None:
-    """``IMPL[:KEY=VAL,...]``: the SparseK backward implementation and block-config overrides."""
+    """``KEY=VAL,...``: block-config overrides of the SparseK kernels (``default``: none)."""
     from sparsek.kernels import sparsek_triton
 
-    impl, _, over = variant.partition(":")
-    sparsek_triton.BWD_IMPL = impl
     base = _BASE_CONFIG.setdefault("f", sparsek_triton._config)
-    extra = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in over.split(",") if kv}
+    extra = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in variant.split(",") if kv and variant != "default"}
     sparsek_triton._config = lambda g, d, dt: {**base(g, d, dt), **extra}
 
 
 _BASE_CONFIG: dict = {}
 
 
-def bench_length(length: int, reps: int, rows: list[dict], skip: set[str], variants=("split",)) -> None:
+def bench_length(length: int, reps: int, rows: list[dict], skip: set[str], variants=("default",)) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sparsek.kernels import cca_prefill
@@ -144,7 +142,7 @@ def bench_length(length: int, reps: int, rows: list[dict], skip: set[str], varia
             _use_variant(variant)
             fb = _bench(_fwd_bwd(f, do, (q, k, v, u)), reps)
             mem = _peak(_fwd_bwd(f, do, (q, k, v, u)))
-            name = f"sparsek-triton/{regime}" + ("" if variant == "split" else f" [{variant}]")
+            name = f"sparsek-triton/{regime}" + ("" if variant == "default" else f" [{variant}]")
             add(name, fwd, fb, pairs, mem, sel_ms=sel)
         _use_variant(variants[0])
         if "flex" not in skip:
@@ -253,8 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="markdown file to write (atomically)")
     ap.add_argument("--reps", type=int, default=200, help="do_bench repetition time in ms")
     ap.add_argument("--skip", default="", help="comma list of: sdpa-cudnn,sdpa-flash,flex,cca")
-    ap.add_argument("--sparsek-bwd", default="split",
-                    help="SparseK backward variants, ';'-separated IMPL[:KEY=VAL,...], e.g. 'split;fused;split:NSUB=8'")
+    ap.add_argument("--sparsek-config", default="default",
+                    help="SparseK block-config variants, ';'-separated KEY=VAL,... (e.g. 'default;NSUB=16,dkdv_BN=64')")
     args = ap.parse_args(argv)
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -267,7 +265,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     skip = set(filter(None, args.skip.split(",")))
     for length in lengths:
-        bench_length(length, args.reps, rows, skip, tuple(args.sparsek_bwd.split(";")))
+        bench_length(length, args.reps, rows, skip, tuple(args.sparsek_config.split(";")))
         text = _header() + "\n" + table(rows) + "\n"
         if args.out:
             _write(args.out, text)

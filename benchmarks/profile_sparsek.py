@@ -1,12 +1,12 @@
 """Kernel-level profile of one SparseK fwd+bwd (issue 3's shape) and a threshold diagnostic.
 
 Prints the CUDA kernels of one forward+backward at ``--length`` (content-driven scores) with
-their total time, per backward implementation, so that the time can be attributed (selection,
+their total time, so that the time can be attributed (selection,
 block lists, forward, dQ, dK/dV, mean term). ``--tau`` adds the per-query comparison of the
 Triton thresholds with the float64 reference in the recency regime (L = 20000), with the
 fractional-set sizes, to locate where the float32 path loses precision.
 
-    python benchmarks/profile_sparsek.py --length 131072 --impls split,fused --tau
+    python benchmarks/profile_sparsek.py --length 131072 --tau
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import argparse
 import torch
 
 
-def profile(length: int, impl: str) -> None:
+def profile(length: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     from sparsek.kernels import sparsek_triton
 
-    sparsek_triton.BWD_IMPL = impl
     g = torch.Generator(device="cuda").manual_seed(0)
     h, hkv, d = 32, 8, 128
     q = torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -47,7 +46,7 @@ def profile(length: int, impl: str) -> None:
             t, n = rows.get(name, (0.0, 0))
             rows[name] = (t + e.device_time, n + 1)
     total = sum(t for t, _ in rows.values())
-    print(f"\n## L={length}, backward={impl}: {total / 1e3:.1f} ms of kernels")
+    print(f"\n## L={length}: {total / 1e3:.1f} ms of kernels")
     print("| kernel | ms | calls | share |\n|---|---|---|---|")
     for name, (t, n) in sorted(rows.items(), key=lambda x: -x[1][0])[:14]:
         print(f"| {name} | {t / 1e3:.2f} | {n} | {t / total:.1%} |")
@@ -89,13 +88,11 @@ def tau_diagnostic() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=131072)
-    ap.add_argument("--impls", default="split,fused")
     ap.add_argument("--tau", action="store_true")
     args = ap.parse_args()
     if args.tau:
         tau_diagnostic()
-    for impl in args.impls.split(","):
-        profile(args.length, impl)
+    profile(args.length)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,12 @@ import torch
 import triton
 
 from .sparsek_reference import _check_shapes, packed_bounds
-from .sparsek_triton_attn import _sparsek_bwd_kernel, _sparsek_fwd_kernel
+from .sparsek_triton_attn import _sparsek_fwd_kernel
 from .sparsek_triton_bwd import _sparsek_bwd_dkdv_kernel, _sparsek_bwd_dq_kernel
 from .sparsek_triton_select import PackedDocs, segment_key, sparsek_block_lists, sparsek_selection
 from .triton_options import dot_options
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# backward: "split" (dQ kernel + super-block dK/dV kernel, sparsek_triton_bwd.py) or "fused" (one
-# query-major kernel with per-tile dK/dV atomics, sparsek_triton_attn.py)
-BWD_IMPL = os.environ.get("SPARSEK_BWD", "split")
 
 
 def _config(g: int, d: int, dtype: torch.dtype) -> dict:
@@ -44,14 +41,14 @@ def _config(g: int, d: int, dtype: torch.dtype) -> dict:
     if _INTERPRET:
         bm = 16 if g <= 8 else 32
         return {"BM": bm, "BN": 16, "SEL_BQ": 64, "SEL_BN": 32, "LIST_BN": 32, "warps": 1, "stages": 1,
-                "bwd_BN": 16, "bwd_warps": 1, "dkdv_BM": bm, "dkdv_BN": 16, "NSUB": 2, "dkdv_warps": 1,
+                "dkdv_BM": bm, "dkdv_BN": 16, "NSUB": 2, "dkdv_warps": 1, "dkdv_stages": 1,
                 "sel": {"anchor_block_q": 4, "anchor_block_n": 32, "build_block_n": 32, "band_block_q": 16,
                         "band_block_e": 16}}
     bm = 128 if d <= 128 else 64
     bn = 64 if d <= 128 else 32
     return {"BM": bm, "BN": bn, "SEL_BQ": 32, "SEL_BN": 256, "LIST_BN": 1024, "warps": 8, "stages": 2,
-            "bwd_BN": 32 if d <= 128 else 16, "bwd_warps": 8,
-            "dkdv_BM": 64, "dkdv_BN": 64 if d <= 128 else 32, "NSUB": 16, "dkdv_warps": 8,
+            # dK/dV: 32 rows x 128 keys, 8 warps, 2 stages: fastest of six shapes measured at 128K
+            "dkdv_BM": 32, "dkdv_BN": 128 if d <= 128 else 32, "NSUB": 32, "dkdv_warps": 8, "dkdv_stages": 2,
             "sel": {"anchor_block_q": 4, "anchor_block_n": 1024, "build_block_n": 1024, "band_block_q": 32,
                     "band_block_e": 64}}
 
@@ -166,7 +163,7 @@ def _score_mean_term_packed(plan: _Plan, mrow: torch.Tensor) -> torch.Tensor:
     return (cum.gather(1, hi) - cum.gather(1, lo)).float()
 
 
-def _split_backward(plan: _Plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow, scale, upcast) -> None:
+def _backward_kernels(plan: _Plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow, scale, upcast) -> None:
     """dQ + mrow query-major, then dK/dV/d(scores) key-major per super-block (sparsek_triton_bwd.py)."""
     c = plan.cfg
     bd = triton.next_power_of_2(plan.d)
@@ -197,7 +194,7 @@ def _split_backward(plan: _Plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow, 
         do, lse, delta, dk, dv, du, stab, tok, *strides,
         plan.lq, plan.lk, plan.window, scale, nsb, cap, ntiles_a,
         HKV=plan.hkv, G=plan.g, BQ=bq, NSUB=c["NSUB"], BM=bm, BN=bn, D=plan.d, BD=bd,
-        UPCAST=upcast, PACKED=packed, num_warps=c["dkdv_warps"], num_stages=1, **dot_options(q.dtype),
+        UPCAST=upcast, PACKED=packed, num_warps=c["dkdv_warps"], num_stages=c["dkdv_stages"], **dot_options(q.dtype),
     )
 
 
@@ -218,7 +215,6 @@ class _SparsekAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        c = plan.cfg
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)
         dq = torch.empty_like(q)
@@ -227,20 +223,7 @@ class _SparsekAttention(torch.autograd.Function):
         du = torch.zeros((plan.b * plan.hkv, plan.lk), device=q.device, dtype=torch.float32)
         mrow = torch.empty((plan.b, plan.h, plan.lq), device=q.device, dtype=torch.float32)
         upcast = q.dtype == torch.float32 or _INTERPRET
-        if BWD_IMPL == "fused":
-            grid, btab, tok = plan.rows(plan.bq)
-            _sparsek_bwd_kernel[grid](
-                q, k, v, plan.u, plan.tau, plan.thu, plan.thj, plan.idx, plan.cnt, plan.off, plan.kvlen,
-                do, lse, delta, dq, dk, dv, du, mrow, btab, tok,
-                plan.batch_stride(q), q.stride(1), q.stride(2), plan.batch_stride(k), k.stride(1), k.stride(2),
-                plan.batch_stride(do), do.stride(1), do.stride(2),
-                plan.lq, plan.lk, plan.window, ctx.scale, plan.nblocks, plan.cap,
-                HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["bwd_BN"], D=plan.d,
-                BD=triton.next_power_of_2(plan.d), UPCAST=upcast, PACKED=plan.packed is not None,
-                num_warps=c["bwd_warps"], num_stages=1, **dot_options(q.dtype),
-            )
-        else:
-            _split_backward(plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow, ctx.scale, upcast)
+        _backward_kernels(plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow, ctx.scale, upcast)
         du = du - _score_mean_term(plan, mrow)
         dscores = du.view(plan.b, plan.hkv, plan.lk).to(ctx.scores_dtype)
         return dq, dk.to(k.dtype), dv.to(v.dtype), dscores, None, None, None, None, None, None

@@ -1,4 +1,4 @@
-"""SparseK attention kernels (SPEC 1.4), forward and backward, over per-block gathered key lists.
+"""SparseK attention forward kernel (SPEC 1.4) over per-block gathered key lists.
 
 One program owns one query block of one KV head and *all* ``G`` query heads of its group: its
 ``BM`` rows are ``(g, i)`` pairs, row ``r`` -> head ``g = r // BQ``, query ``i0 + r % BQ`` with
@@ -15,10 +15,7 @@ Keys a block visits (see :mod:`sparsek_triton_select`):
 The softmax is over the visible keys, gates multiply the values only (SPEC 1.4). Math in fp32;
 fp16/bf16 operands go to the matrix units as they are, fp32 inputs are upcast everywhere.
 
-Backward (FlashAttention-2 style, recomputing P from the saved log-sum-exp): dQ is owned by
-the block; dK, dV and the gate part of d(scores) are scattered with fp32 atomics since a key
-is visited by many blocks. The per-row sums ``sum_{F_i cap S_i} dp`` needed for the SPARSEK
-mean term (SPEC 1.3) are written per row and finished in :mod:`sparsek_triton`.
+The backward (dQ; dK/dV/d(scores)) is in :mod:`sparsek_triton_bwd`; ``_visibility`` is shared.
 
 Rows (``_row_item``): padded batches run a ``(block, b * Hkv + hk)`` grid; packed documents
 (``PACKED``) a ``(valid block of any document, hk)`` grid from a table, every tensor addressed
@@ -146,116 +143,3 @@ def _sparsek_fwd_kernel(
     tl.store(optr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), 0.0)
     tl.store(LSE + (rb * G + g) * Lq + row0 + qi, lse, mask=row_ok)
-
-
-@triton.jit
-def _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
-              DK, DV, DU, dkv_off, dkv_mask, UPCAST: tl.constexpr):
-    s = tl.dot(q, tl.trans(kt)) * scale
-    p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-    w = p * gate
-    dw = tl.dot(do, tl.trans(vt))
-    dp = dw * gate
-    ds = p * (dp - delta[:, None])
-    if UPCAST:
-        dv = tl.dot(tl.trans(w), do)
-        dq += tl.dot(ds, kt)
-        dk = tl.dot(tl.trans(ds), q)
-    else:
-        dv = tl.dot(tl.trans(w.to(do.dtype)), do)
-        dq += tl.dot(ds.to(kt.dtype), kt)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.atomic_add(DV + dkv_off, dv, mask=dkv_mask)
-    tl.atomic_add(DK + dkv_off, dk * scale, mask=dkv_mask)
-    dg = tl.where(frac, dw * p, 0.0)
-    tl.atomic_add(DU + j, tl.sum(dg, 0), mask=jm)
-    mrow += tl.sum(dg, 1)
-    return dq, mrow
-
-
-@triton.jit
-def _sparsek_bwd_kernel(
-    Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DQ, DK, DV, DU, MROW, BTAB, TOK,
-    sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
-    Lq, Lk, window, scale, nblocks, cap,
-    HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PACKED: tl.constexpr,
-):
-    """DK/DV/DU are fp32 buffers laid out [B, Hkv, Lk, D] / [B*Hkv, Lk]; DQ like Q (strides sq*).
-    Packed: [1, Hkv, T, D] / [Hkv, T]."""
-    b, blk, rb, row0, lq, slot = _row_item(tl.program_id(0), tl.program_id(1), BTAB, TOK, KVLEN, Lq, nblocks,
-                                         HKV, PACKED)
-    hk = rb % HKV
-    off = tl.load(OFF + b)
-    kvlen = tl.load(KVLEN + b)
-    r = tl.arange(0, BM)
-    g = r // BQ
-    qi = blk * BQ + r % BQ
-    row_ok = (r < G * BQ) & (qi < lq)
-    pos = off + qi
-    q_ok = row_ok & (pos >= 0) & (pos < kvlen)
-    h = hk * G + g
-    d = tl.arange(0, BD)
-    dm = d < D
-    rm = row_ok[:, None] & dm[None, :]
-    tq = (row0 + qi.to(tl.int64))[:, None]
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + tq * sql + d[None, :], mask=rm, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64)[:, None] * sdh + tq * sdl + d[None, :], mask=rm, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    so = rb * Lq + row0 + qi
-    tau = tl.load(TAU + so, mask=row_ok, other=0.0)
-    thu = tl.load(THU + so, mask=row_ok, other=0.0)
-    thj = tl.load(THJ + so, mask=row_ok, other=0)
-    sr = (rb * G + g) * Lq + row0 + qi
-    lse = tl.load(LSE + sr, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + sr, mask=row_ok, other=0.0)
-    kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
-    vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
-    dkb = (rb * Lk + row0) * D
-    ub = U + rb * Lk + row0
-    dub = DU + rb * Lk + row0
-
-    dq = tl.zeros([BM, BD], tl.float32)
-    mrow = tl.zeros([BM], tl.float32)
-
-    cnt = tl.load(CNT + slot)
-    ib = IDX + slot * cap
-    for t0 in range(0, cnt, BN):
-        t = t0 + tl.arange(0, BN)
-        jm = t < cnt
-        j = tl.load(ib + t, mask=jm, other=0)
-        kvm = jm[:, None] & dm[None, :]
-        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        u = tl.load(ub + j, mask=jm, other=0.0)
-        vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
-        dkv_off = dkb + j.to(tl.int64)[:, None] * D + d[None, :]
-        dq, mrow = _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
-                             DK, DV, dub, dkv_off, kvm, UPCAST)
-
-    i_last = tl.minimum(blk * BQ + BQ, lq) - 1
-    lo = tl.maximum(off + blk * BQ - window + 1, 0)
-    hi = tl.minimum(off + i_last + 1, kvlen)
-    for j0 in range(lo, hi, BN):
-        j = j0 + tl.arange(0, BN)
-        jm = j < hi
-        kvm = jm[:, None] & dm[None, :]
-        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        u = tl.load(ub + j, mask=jm, other=0.0)
-        vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
-        dkv_off = dkb + j.to(tl.int64)[:, None] * D + d[None, :]
-        dq, mrow = _bwd_tile(dq, mrow, q, do, lse, delta, kt, vt, j, jm, vis, gate, frac, scale,
-                             DK, DV, dub, dkv_off, kvm, UPCAST)
-
-    dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + tq * sql + d[None, :]
-    tl.store(dqp, (dq * scale).to(DQ.dtype.element_ty), mask=rm)
-    tl.store(MROW + sr, mrow, mask=row_ok)

@@ -1,27 +1,26 @@
-"""SparseK attention backward without per-tile atomics: a dQ kernel and a dK/dV kernel.
+"""SparseK attention backward (FlashAttention-2's split, adapted to per-block key lists).
 
-Why two kernels. The fused backward of :mod:`sparsek_triton_attn` owns a query block and adds
-each visited key tile's dK/dV into fp32 buffers with atomics: at 128K tokens every key of a
-block's ~k selected keys receives ``BM x D`` partial sums from every block that selects it,
-tens of GB of atomic traffic, and it made the backward 80% of the fwd+bwd time on the H100.
-
-Here (FlashAttention-2's split, adapted to per-block key lists):
-
-* **dQ** (:func:`_sparsek_bwd_dq_kernel`): query-major like the forward, the same per-block
+* **dQ** (:func:`_sparsek_bwd_dq_kernel`): query-major like the forward, over the same per-block
   lists; it also writes the per-row sums of the SPARSEK mean term (``mrow``). No atomics.
 * **dK, dV, d(scores)** (:func:`_sparsek_bwd_dkdv_kernel`): key-major inside a *super-block*
   of ``NSUB`` query blocks. Thresholds only grow along the sequence (SPEC 1.3), so every key a
   query of the super-block selects from the candidates of its first query ``I0`` is in
   ``S_{I0}``, and the others lie in the contiguous range ``(c_{I0}, last position]`` (window and
-  keys that enter inside the super-block): the same "list + range" cover as the forward's, one
-  level up. A program holds one key tile (gathered from the list, or contiguous from the range)
-  in registers, loops over the super-block's query blocks and accumulates dK, dV and d(scores)
-  there; it writes them once with an atomic add, so a key receives one partial sum per
-  super-block instead of one per query block (``NSUB`` times less atomic traffic). The range
-  tiles skip query blocks that end before them (causality).
+  keys that enter inside the super-block): the forward's "list + range" cover, one level up. A
+  program holds one key tile (gathered from the list, or contiguous from the range), loops over
+  the super-block's query blocks and accumulates dK, dV and d(scores) in registers; it adds them
+  once, so a key receives one partial sum per super-block. Range tiles skip the query blocks that
+  end before them (causality); list tiles test the selection only (their keys are candidates of
+  every query of the super-block).
 
-Visibility is the forward's ``_visibility`` with the window test on for every tile: for list keys
-(all candidates of every query of the super-block) it reduces to the selection test.
+How the dK/dV loop is made fast (H100, L = 128K, issue 3's shape; docs/benchmarks.md): tiles of
+scores are computed transposed, ``S^T = K Q^T`` (``[BN keys, BM rows]``), so ``P^T``/``dS^T`` feed
+the dK/dV products without transposing a computed register tile (only loaded tiles are
+transposed); the loop advances pointers, has no branch in its body and is software-pipelined
+(``num_stages=2``). The first version (row-major tiles, one stage) took 180 ms of a 277 ms
+fwd+bwd; this one brings the fwd+bwd to 170 ms. The query-major fused backward with per-tile
+dK/dV atomics that preceded both was as slow as the first split version (atomics were not its
+bottleneck) and was removed.
 """
 
 from __future__ import annotations
@@ -146,6 +145,75 @@ def _sparsek_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_loop(
+    kt, vt, u, j, jm, dk, dv, du, first,
+    Q, DO, TAU, THU, THJ, LSE, DELTA,
+    b, hk, rb, row0, I0, off, kvlen, lq, Lq, window, scale,
+    sqb, sqh, sql, sdb, sdh, sdl,
+    G: tl.constexpr, BQ: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, WINDOW_PART: tl.constexpr,
+):
+    """dK, dV, d(scores) of one key tile summed over query blocks ``first .. NSUB - 1`` of the
+    super-block starting at ``I0``, in the transposed orientation (``[BN keys, BM rows]``)."""
+    r = tl.arange(0, BM)
+    g = r // BQ
+    rr = r % BQ
+    row_valid = r < G * BQ
+    h = hk * G + g
+    d = tl.arange(0, BD)
+    dm = d < D
+    q0 = (row0 + I0 + first * BQ + rr).to(tl.int64)  # token of each row in the first visited block
+    qT_ptr = Q + b.to(tl.int64) * sqb + (h.to(tl.int64) * sqh + q0 * sql)[None, :] + d[:, None]
+    do_ptr = DO + b.to(tl.int64) * sdb + (h.to(tl.int64) * sdh + q0 * sdl)[:, None] + d[None, :]
+    st_ptr = rb * Lq + q0  # per-(KV head, token) statistics
+    sr_ptr = (rb * G + g) * Lq + q0  # per-(query head, token) statistics
+    for s in range(first, NSUB):
+        qi = I0 + s * BQ + rr
+        row_ok = row_valid & (qi < lq)
+        pos = off + qi
+        q_ok = row_ok & (pos >= 0) & (pos < kvlen)
+        qT = tl.load(qT_ptr, mask=row_ok[None, :] & dm[:, None], other=0.0)
+        do = tl.load(do_ptr, mask=row_ok[:, None] & dm[None, :], other=0.0)
+        tau = tl.load(TAU + st_ptr, mask=row_ok, other=0.0)
+        thu = tl.load(THU + st_ptr, mask=row_ok, other=0.0)
+        thj = tl.load(THJ + st_ptr, mask=row_ok, other=0)
+        lse = tl.load(LSE + sr_ptr, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + sr_ptr, mask=row_ok, other=0.0)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        sel = (u[:, None] > thu[None, :]) | ((u[:, None] == thu[None, :]) & (j[:, None] >= thj[None, :]))
+        gate = tl.minimum(tl.maximum(u[:, None] - tau[None, :], 0.0), 1.0)
+        if WINDOW_PART:
+            win = (j[:, None] > pos[None, :] - window) & (j[:, None] <= pos[None, :])
+            cand = (j[:, None] <= pos[None, :] - window) & sel
+            vis = (win | cand) & jm[:, None] & q_ok[None, :]
+            gate = tl.where(win, 1.0, gate)
+            frac = cand & (gate > 0.0) & (gate < 1.0)
+        else:
+            # list keys are candidates of every query: visibility is the selection test, and a
+            # selected key's gate is > 0, so it is fractional iff < 1 (pT is 0 where not visible)
+            vis = sel & jm[:, None] & q_ok[None, :]
+            frac = gate < 1.0
+        sT = tl.dot(kt, qT) * scale
+        pT = tl.where(vis, tl.exp(sT - lse[None, :]), 0.0)
+        dwT = tl.dot(vt, tl.trans(do))
+        dsT = pT * (dwT * gate - delta[None, :])
+        if UPCAST:
+            dv += tl.dot(pT * gate, do)
+            dk += tl.dot(dsT, tl.trans(qT))
+        else:
+            dv += tl.dot((pT * gate).to(do.dtype), do)
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        du += tl.sum(tl.where(frac, dwT * pT, 0.0), 1)
+        qT_ptr += BQ * sql
+        do_ptr += BQ * sdl
+        st_ptr += BQ
+        sr_ptr += BQ
+    return dk, dv, du
+
+
+@triton.jit
 def _sparsek_bwd_dkdv_kernel(
     Q, K, V, U, TAU, THU, THJ, IDX, CNT, OFF, KVLEN, DO, LSE, DELTA, DK, DV, DU, STAB, TOK,
     sqb, sqh, sql, skb, skh, skl, sdb, sdh, sdl,
@@ -169,7 +237,8 @@ def _sparsek_bwd_dkdv_kernel(
     last = tl.minimum(I0 + BQ * NSUB, lq) - 1
     d = tl.arange(0, BD)
     dm = d < D
-    if tile < ntiles_a:
+    part_a = tile < ntiles_a
+    if part_a:
         cnt = tl.load(CNT + sslot)
         t = tile * BN + tl.arange(0, BN)
         jm = t < cnt
@@ -184,10 +253,9 @@ def _sparsek_bwd_dkdv_kernel(
         first = tl.maximum(lo + (tile - ntiles_a) * BN - off - I0 - BQ + 1, 0) // BQ
     if tl.max(jm.to(tl.int32), 0) > 0:
         kvm = jm[:, None] & dm[None, :]
-        kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
-        vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
-        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
+        kv_off = b.to(tl.int64) * skb + hk.to(tl.int64) * skh + (row0 + j.to(tl.int64))[:, None] * skl + d[None, :]
+        kt = tl.load(K + kv_off, mask=kvm, other=0.0)
+        vt = tl.load(V + kv_off, mask=kvm, other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -195,25 +263,14 @@ def _sparsek_bwd_dkdv_kernel(
         dk = tl.zeros([BN, BD], tl.float32)
         dv = tl.zeros([BN, BD], tl.float32)
         du = tl.zeros([BN], tl.float32)
-        for s in range(first, NSUB):
-            i0 = I0 + s * BQ
-            if i0 < lq:
-                q, do, tau, thu, thj, lse, delta, pos, q_ok, row_ok, h, qi, sr = _load_rows(
-                    Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, rb, row0, i0, off, kvlen, lq, Lq, sqb, sqh, sql, sdb, sdh,
-                    sdl, HKV, G, BQ, BM, D, BD, UPCAST)
-                vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
-                sc = tl.dot(q, tl.trans(kt)) * scale
-                p = tl.where(vis, tl.exp(sc - lse[:, None]), 0.0)
-                w = p * gate
-                dw = tl.dot(do, tl.trans(vt))
-                ds = p * (dw * gate - delta[:, None])
-                if UPCAST:
-                    dv += tl.dot(tl.trans(w), do)
-                    dk += tl.dot(tl.trans(ds), q)
-                else:
-                    dv += tl.dot(tl.trans(w.to(do.dtype)), do)
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-                du += tl.sum(tl.where(frac, dw * p, 0.0), 0)
+        if part_a:
+            dk, dv, du = _dkdv_loop(kt, vt, u, j, jm, dk, dv, du, first, Q, DO, TAU, THU, THJ, LSE, DELTA,
+                                    b, hk, rb, row0, I0, off, kvlen, lq, Lq, window, scale,
+                                    sqb, sqh, sql, sdb, sdh, sdl, G, BQ, NSUB, BM, D, BD, UPCAST, False)
+        else:
+            dk, dv, du = _dkdv_loop(kt, vt, u, j, jm, dk, dv, du, first, Q, DO, TAU, THU, THJ, LSE, DELTA,
+                                    b, hk, rb, row0, I0, off, kvlen, lq, Lq, window, scale,
+                                    sqb, sqh, sql, sdb, sdh, sdl, G, BQ, NSUB, BM, D, BD, UPCAST, True)
         dkv = (rb * Lk + row0 + j.to(tl.int64))[:, None] * D + d[None, :]
         tl.atomic_add(DV + dkv, dv, mask=kvm)
         tl.atomic_add(DK + dkv, dk * scale, mask=kvm)

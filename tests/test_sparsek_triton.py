@@ -186,16 +186,14 @@ def test_fewer_candidates_than_k_fp32():
     _check_fp32(1, 2, 1, 33, 33, 16, topk=20, window=3)
 
 
-@pytest.mark.parametrize("impl,nsub", [("fused", None), ("split", 1), ("split", 3)])
-def test_backward_implementations_fp32(monkeypatch, impl, nsub):
-    """Both backward implementations, and super-blocks of 1 and 3 query blocks (3: the last one
-    partial, range tiles that skip early blocks), GQA 3 with ties, a right-padded row."""
+@pytest.mark.parametrize("nsub", [1, 3])
+def test_backward_super_blocks_fp32(monkeypatch, nsub):
+    """dK/dV super-blocks of 1 and 3 query blocks (3: the last one partial, range tiles that skip
+    early blocks), GQA 3 with ties, a right-padded row."""
     from sparsek.kernels import sparsek_triton
 
-    monkeypatch.setattr(sparsek_triton, "BWD_IMPL", impl)
-    if nsub is not None:
-        orig = sparsek_triton._config
-        monkeypatch.setattr(sparsek_triton, "_config", lambda g, d, dt: {**orig(g, d, dt), "NSUB": nsub})
+    orig = sparsek_triton._config
+    monkeypatch.setattr(sparsek_triton, "_config", lambda g, d, dt: {**orig(g, d, dt), "NSUB": nsub})
     _check_fp32(2, 6, 2, 41, 41, 16, topk=6, window=3, ties=True, seqlens=torch.tensor([41, 26]))
 
 
