@@ -273,6 +273,24 @@ def test_model_packed_row_equals_separate_rows(method):
             torch.testing.assert_close(two[1, a:e], model(rev[:, a:e]).logits[0], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("flash_kwargs", [False, True])
+def test_model_takes_data_collator_with_flattening(flash_kwargs):
+    """What transformers' own packing collator hands the model (position ids, optionally the
+    flash-attention cu_seq_lens/max_length kwargs) gives each document its logits alone."""
+    from transformers import DataCollatorWithFlattening
+
+    from .test_model_integration import _ids, _pair
+
+    _, model = _pair("qwen3", "cca", seed=2)
+    docs = [_ids(batch=1, length=n, seed=n)[0] for n in (6, 1, 11)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": d.tolist()} for d in docs])
+    assert ("cu_seq_lens_q" in batch) == flash_kwargs
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for (a, e), d in zip(_bounds([6, 1, 11]), docs, strict=True):
+            torch.testing.assert_close(logits[0, a:e], model(d[None]).logits[0], atol=2e-5, rtol=0)
+
+
 def test_model_packed_training_step_reaches_the_scorer():
     from .test_model_integration import _ids, _pair
 
