@@ -311,9 +311,12 @@ GPU_LENGTHS = [1, 700, 37, 2000, 0, 64, 15, 1300]
 
 @gpu
 @pytest.mark.parametrize("g,d", [(1, 64), (4, 128), (8, 96)])
-def test_gpu_sparsek_packed_bf16(g, d):
+def test_gpu_sparsek_packed_bf16(monkeypatch, g, d):
     """bf16 pack: flash-attention's rule against the float64 reference, no NaN/Inf, forward equal
-    to each document run alone, bit for bit (same kernels, same tiles)."""
+    to each document run alone, bit for bit (same kernels, same tiles, and the same selection
+    levels: a pack takes those of its longest document, so the documents alone are given them)."""
+    levels = sparsek_triton_select.default_strides(max(GPU_LENGTHS))
+    monkeypatch.setattr(sparsek_triton_select, "default_strides", lambda lq: levels)
     hkv, topk, window = 2, 128, 64
     inputs, do = _sparsek_inputs(g * hkv, hkv, GPU_LENGTHS, d, dtype=torch.bfloat16, device="cuda", seed=g,
                                  score_scale=1.0)
