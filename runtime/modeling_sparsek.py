@@ -161,9 +161,10 @@ def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
 def _packed_attention(s, query, key, value, extra, scaling, cu_seqlens) -> torch.Tensor:
     """The op over packed documents; ``[B, H, L, d]`` in and out, rows flattened into one."""
     batch, length = query.shape[0], query.shape[2]
-    query, key, value, extra = (_flatten_rows(t) for t in (query, key, value, extra))
+    query, key, value = (_flatten_rows(t) for t in (query, key, value))
     if s.method == "sparsek":
-        out = sparsek_attention(query, key, value, extra, s.topk, s.window, scaling, cu_seqlens=cu_seqlens)
+        scores = _flatten_rows(extra)
+        out = sparsek_attention(query, key, value, scores, s.topk, s.window, scaling, cu_seqlens=cu_seqlens)
     else:
         g = s.group
         k_core, v_core = cca_pool(cca_core_queries(query, g, cu_seqlens), key, value, g, scaling, cu_seqlens)
