@@ -26,14 +26,15 @@ for step in $steps; do
   case $step in
     tests)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sparsek_triton.py \
-        tests/test_cca_triton.py tests/test_decode_kernel.py tests/test_generation.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+        tests/test_cca_triton.py tests/test_packed_sequences.py tests/test_decode_kernel.py tests/test_generation.py \
+        tests/test_caches.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     cca)
       timeout ${CCA_TIMEOUT:-150} python3 -m sparsek.kernels.cca_triton_bench 32768 131072 2>&1 | tee "$OUT/cca_bench.log" | tail -30 ;;
     attention)
-      timeout 240 python3 benchmarks/attention.py --lengths 8192,32768,131072 --skip sdpa-flash,flex,cca \
+      timeout 240 python3 benchmarks/attention.py --lengths 8192,32768,131072 --skip sdpa-flash,flex \
         --out "$OUT/attention.md" 2>&1 | tee "$OUT/attention.log" | tail -30 ;;
     generation)
-      timeout ${GEN_TIMEOUT:-240} python3 benchmarks/generation.py --quick --out "$OUT/generation.md" 2>&1 | tee "$OUT/generation.log" | tail -30 ;;
+      timeout ${GEN_TIMEOUT:-240} python3 benchmarks/generation.py --out "$OUT/generation.md" 2>&1 | tee "$OUT/generation.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done
