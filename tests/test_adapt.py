@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from sparsek.convert.adapt_config import AdaptConfig, resolve_config
 from sparsek.convert.adapt_data import TrainStream, collate, iter_pieces, iter_rows, list_files
-from sparsek.convert.adapt_train import SimulatedKill, run_adapt
+from sparsek.convert.adapt_train import SimulatedKill, run_adapt, select_trainable
 from sparsek.kernels.sparsek_recall import sparsek_selection_recall
 from sparsek.kernels.sparsek_reference import topk_mask
 from sparsek.kernels.sparsek_scorer_loss import sample_queries, sparsek_scorer_loss
@@ -105,7 +105,8 @@ def _naive_scorer_loss(q, k, u, topk, window, qidx):
                 uc = u[bi, hi, cand].double()
                 theta = torch.sort(uc.detach(), descending=True).values[topk - 1]
                 m = uc - theta
-                pos = torch.nn.functional.softplus(-m)[labels].mean()
+                w = mass[labels] / mass[labels].sum()  # positives weighted by their dense mass
+                pos = (torch.nn.functional.softplus(-m)[labels] * w).sum()
                 neg = torch.nn.functional.softplus(m)[~labels].mean()
                 total = total + 0.5 * (pos + neg)
                 n += 1
@@ -128,6 +129,29 @@ def test_scorer_loss_matches_literal_definition_and_chunks(monkeypatch):
     monkeypatch.setattr("sparsek.kernels.sparsek_scorer_loss._CHUNK_ELEMENTS", 1)
     loss_chunked, _ = sparsek_scorer_loss(q, k, u, topk=5, window=4, query_index=qidx)
     assert torch.allclose(loss_chunked, loss, atol=1e-6)
+
+
+def test_scorer_loss_weights_positives_by_dense_mass():
+    """A key holding most of the dense mass (an attention sink) pulls harder than a low-mass
+    positive at the same margin: recall is mass-weighted, and uniform weights let the many
+    low-mass positives (query-dependent noise to a query-independent scorer) drown the sink."""
+    L, d, topk, window = 12, 4, 2, 2
+    q = torch.zeros(1, 1, L, d)
+    q[0, 0, -1, 0] = 1.0
+    k = torch.zeros(1, 1, L, d)
+    k[0, 0, 0, 0] = 6.0  # the sink: most of query 11's mass
+    k[0, 0, 1, 0] = 1.0  # a weak second positive
+    u = torch.zeros(1, 1, L)
+    u[0, 0, 0] = u[0, 0, 1] = -1.0  # same margin below theta for both positives
+    u[0, 0, 2:] = torch.linspace(0.0, 1.0, L - 2)
+    u.requires_grad_(True)
+    loss, n = sparsek_scorer_loss(q, k, u, topk, window, query_index=torch.tensor([L - 1]))
+    assert n == 1
+    (g,) = torch.autograd.grad(loss, u)
+    mass = torch.softmax(q[0, 0, -1] @ k[0, 0].T * d**-0.5, -1)
+    ratio = (g[0, 0, 0] / g[0, 0, 1]).item()
+    assert g[0, 0, 0] < 0 and g[0, 0, 1] < 0  # both pushed up
+    assert abs(ratio - (mass[0] / mass[1]).item()) < 1e-4 and ratio > 5
 
 
 def test_scorer_loss_edges_padding_and_sampling():
@@ -264,6 +288,50 @@ def test_each_choice_trains_exactly_what_it_names(tiny, tiny_cca, tmp_path, obje
         expected = {n for n in before if ".self_attn." in n and n.split(".self_attn.")[1].split(".")[0] in names}
     assert expected and changed == expected
     assert all(after[n].dtype == before[n].dtype for n in before)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_scorer_loss_gradient_reaches_the_scorer_exactly_once(tmp_path, checkpointing):
+    """Through the model (the dense pass computes it, the sparse pass injects it), the scorer's
+    gradient equals the scorer loss's own gradient: not lost, and not added twice when the
+    layer is recomputed by activation checkpointing."""
+    from sparsek.convert.adapt_objective import AdaptObjective
+    from sparsek.runtime.capture import capture_dense_layers
+    from sparsek.runtime.loading import load_model
+
+    src = make_tiny(tmp_path / "src", init=0.3)
+    model = load_model(src, device=torch.device("cpu"), dtype="float32")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.scorer.weight.normal_(0, 0.5)
+    select_trainable(model, "scorer")
+    if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # as adapt_train does
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(3, 100, (2, 48), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    qidx = torch.tensor([20, 30, 47])
+    s = model.sparse_settings
+    expected = {}
+
+    def on_layer(module, hidden, positions, q, k):
+        with torch.enable_grad():
+            u = module.scorer(hidden.detach(), positions)
+            loss, _ = sparsek_scorer_loss(q, k, u, s.topk, s.window, getattr(module, "scaling", None), None, qidx)
+            expected[module.layer_idx] = torch.autograd.grad(loss * 0.5, [module.scorer.weight, module.scorer.bias])
+
+    with torch.no_grad(), capture_dense_layers(model, on_layer):
+        model.model(input_ids=ids, use_cache=False)
+    objective = AdaptObjective(model, "lm", 0.0, 1.0, autocast=False)
+    loss, _ = objective(ids, mask, loss_scale=0.0, scorer_scale=0.5, query_index=qidx)  # LM part weighted 0
+    loss.backward()
+    for layer in model.model.layers:
+        gw, gb = expected[layer.self_attn.layer_idx]
+        assert gw.abs().sum() > 0
+        torch.testing.assert_close(layer.self_attn.scorer.weight.grad, gw, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(layer.self_attn.scorer.bias.grad, gb, rtol=1e-4, atol=1e-7)
 
 
 def test_scorer_loss_raises_recall_on_a_tiny_model(tmp_path):
