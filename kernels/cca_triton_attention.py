@@ -567,6 +567,9 @@ def cca_attention_triton(
     cores through its start offsets, no padded copy of anything with a ``d`` dimension is made.
     """
     _check(q, k, v, group, window)
+    if len({q.dtype, k.dtype, v.dtype, k_core.dtype, v_core.dtype}) > 1:
+        raise ValueError(f"q, k, v, k_core and v_core must share one dtype, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}, {k_core.dtype}, {v_core.dtype}")
     if k_core.shape[:2] != k.shape[:2] or k_core.shape[3] != k.shape[3] or v_core.shape != k_core.shape:
         raise ValueError(f"k_core/v_core must be [B,Hkv,N,d] like k; got {tuple(k_core.shape)}, {tuple(v_core.shape)}")
     packed = None

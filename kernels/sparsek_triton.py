@@ -244,6 +244,8 @@ def sparsek_attention_triton(
     """SparseK attention (SPEC 1.4) in Triton; same layout and semantics as the reference
     (padded rows, or packed documents with ``cu_seqlens``, run natively)."""
     _check_shapes(q, k, v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if scores.shape != k.shape[:3]:
         raise ValueError(f"scores must be [B, Hkv, Lk] = {tuple(k.shape[:3])}, got {tuple(scores.shape)}")
     if topk < 1 or window < 1:

@@ -113,6 +113,27 @@ def _left_align(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(count > 0, start, torch.zeros_like(start)), count
 
 
+def common_attention_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the attention math runs in, as SDPA would pick it.
+
+    Under autocast, transformers' rotary embedding multiplies bf16 projections by float32 cos/sin,
+    so queries and keys arrive in float32 while values stay bf16. SDPA is on autocast's list and
+    runs in the autocast dtype; our ops take the same decision (without it the Triton kernels
+    would run upcast to float32 or meet mixed operands). Outside autocast: the promoted dtype.
+    """
+    dev = tensors[0].device.type
+    try:
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except TypeError:  # torch < 2.4: no per-device autocast queries
+        if dev == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
 def _roll_seq(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Per row ``b``: ``out[b, :, i] = t[b, :, (i + shift[b]) % L]`` along dim 2."""
     length = t.shape[2]
@@ -192,6 +213,8 @@ def sparse_attention_forward(
     """SparseK or CCA attention for one layer; returns ``([B, Lq, H, d], None)``."""
     # A bounded cache of ``sparsek.runtime`` (cache_sparsek.py / cache_cca.py) keeps its own
     # state and computes the attention itself; duck-typed, so this file needs no import of it.
+    dt = common_attention_dtype(query, key, value)
+    query, key, value = (t if t.dtype == dt else t.to(dt) for t in (query, key, value))
     bounded_attend = getattr(sparse_cache, "sparse_attend", None)
     if bounded_attend is not None:
         return bounded_attend(module, query, key, value, attention_mask, scaling, sparsek_scores)

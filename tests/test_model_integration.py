@@ -172,3 +172,41 @@ def test_scores_stay_float32_under_autocast():
         u = scorer(x, torch.arange(5)[None] + 10**6)
     assert u.dtype == torch.float32
     torch.testing.assert_close(u, scorer(x, torch.arange(5)[None] + 10**6))
+
+
+@pytest.mark.parametrize("method", ["sparsek", "cca"])
+def test_attention_runs_in_the_autocast_dtype(method, monkeypatch):
+    """Under autocast, rotary embeddings hand the attention float32 q/k and bf16 v (cos/sin are
+    float32); the sparse attention, like SDPA, must run in the autocast dtype, and train."""
+    import sparsek.runtime.modeling_sparsek as modeling
+
+    name = "sparsek_attention" if method == "sparsek" else "cca_attention"
+    op, seen = getattr(modeling, name), []
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return op(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(modeling, name, spy)
+    _, model = _pair("llama", method, seed=19)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 23))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["sparsek", "cca"])
+def test_gpu_autocast_training_step(method):
+    """The case that broke `adapt` with CCA on the H100: bf16 autocast, Triton kernels, backward."""
+    _, model = _pair("llama", method, seed=21)
+    model = model.cuda()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 300), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
