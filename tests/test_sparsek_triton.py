@@ -287,8 +287,8 @@ def test_gpu_band_selection_equals_full_path(regime):
     # float32 resolves tau to a few ulps of the *scores* it is computed from (|u| up to ~1250 here),
     # not of tau itself (near 0 at the first queries with candidates): compare on that scale.
     scale = _candidate_scale(u, window, length)
-    err = (band.tau[fin] - full.tau[fin]).abs() / scale[fin]
-    assert err.max().item() < 2e-6, err.max().item()
+    excess = (band.tau[fin] - full.tau[fin]).abs() - (2e-6 * scale[fin] + 2e-5)
+    assert excess.max().item() <= 0, excess.max().item()
     # |F_i| may differ by a key lying within float32 rounding of tau or tau + 1 (the two taus agree
     # to ~1 ulp, not bitwise; measured on the H100: 0.11% of rows, by 1): bound it, do not demand equality.
     nd = (band.nfrac - full.nfrac).abs()
@@ -323,5 +323,7 @@ def test_gpu_selection_tau_matches_float64_reference(regime, path):
         ref = sparsek_threshold(u[h].double().expand(len(queries), -1), topk, cand)
         got = sel.tau[h, queries].double()
         scale = _candidate_scale(u[h:h + 1], window, length)[0, queries].double()
-        err = ((got - ref).abs() / scale).max().item()
-        assert err < 1e-6, (path, regime, h, err)
+        # ~8 ulps of the scores, plus 1e-5 for the float32 sums over the thousands of fractional
+        # keys of the content regime; a misclassified key moves tau by ~1e-2
+        excess = ((got - ref).abs() - (1e-6 * scale + 1e-5)).max().item()
+        assert excess <= 0, (path, regime, h, excess)
