@@ -48,6 +48,21 @@ def _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, WINDOW_PART: tl.cons
 
 
 @triton.jit
+def _load_keys(kb, vb, ub, j, jm, skl, BD: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
+    """K, V tiles ``[BN, BD]`` (upcast when ``UPCAST``) and scores ``[BN]`` of keys ``j`` (mask ``jm``)."""
+    d = tl.arange(0, BD)
+    kvm = jm[:, None] & (d < D)[None, :]
+    kv_off = j.to(tl.int64)[:, None] * skl + d[None, :]
+    kt = tl.load(kb + kv_off, mask=kvm, other=0.0)
+    vt = tl.load(vb + kv_off, mask=kvm, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    u = tl.load(ub + j, mask=jm, other=0.0)
+    return kt, vt, u
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k, v, vis, gate, scale, UPCAST: tl.constexpr):
     s = tl.dot(q, tl.trans(k)) * scale
     s = tl.where(vis, s, float("-inf"))
@@ -109,13 +124,7 @@ def _sparsek_fwd_kernel(
         t = t0 + tl.arange(0, BN)
         jm = t < cnt
         j = tl.load(ib + t, mask=jm, other=0)
-        kv_off = j.to(tl.int64)[:, None] * skl + d[None, :]
-        kt = tl.load(kb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
-        vt = tl.load(vb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        u = tl.load(ub + j, mask=jm, other=0.0)
+        kt, vt, u = _load_keys(kb, vb, ub, j, jm, skl, BD, D, UPCAST)
         vis, gate, _fr = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, vis, gate, scale, UPCAST)
 
@@ -126,13 +135,7 @@ def _sparsek_fwd_kernel(
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
         jm = j < hi
-        kv_off = j.to(tl.int64)[:, None] * skl + d[None, :]
-        kt = tl.load(kb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
-        vt = tl.load(vb + kv_off, mask=jm[:, None] & dm[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        u = tl.load(ub + j, mask=jm, other=0.0)
+        kt, vt, u = _load_keys(kb, vb, ub, j, jm, skl, BD, D, UPCAST)
         vis, gate, _fr = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, vis, gate, scale, UPCAST)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparsek_triton_attn import _visibility
+from .sparsek_triton_attn import _load_keys, _visibility
 from .sparsek_triton_select import _row_item
 
 
@@ -112,13 +112,7 @@ def _sparsek_bwd_dq_kernel(
         t = t0 + tl.arange(0, BN)
         jm = t < cnt
         j = tl.load(ib + t, mask=jm, other=0)
-        kvm = jm[:, None] & dm[None, :]
-        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        u = tl.load(ub + j, mask=jm, other=0.0)
+        kt, vt, u = _load_keys(kb, vb, ub, j, jm, skl, BD, D, UPCAST)
         vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
         dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
 
@@ -128,13 +122,7 @@ def _sparsek_bwd_dq_kernel(
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
         jm = j < hi
-        kvm = jm[:, None] & dm[None, :]
-        kt = tl.load(kb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        vt = tl.load(vb + j.to(tl.int64)[:, None] * skl + d[None, :], mask=kvm, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        u = tl.load(ub + j, mask=jm, other=0.0)
+        kt, vt, u = _load_keys(kb, vb, ub, j, jm, skl, BD, D, UPCAST)
         vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
         dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
 
@@ -253,13 +241,9 @@ def _sparsek_bwd_dkdv_kernel(
         first = tl.maximum(lo + (tile - ntiles_a) * BN - off - I0 - BQ + 1, 0) // BQ
     if tl.max(jm.to(tl.int32), 0) > 0:
         kvm = jm[:, None] & dm[None, :]
-        kv_off = b.to(tl.int64) * skb + hk.to(tl.int64) * skh + (row0 + j.to(tl.int64))[:, None] * skl + d[None, :]
-        kt = tl.load(K + kv_off, mask=kvm, other=0.0)
-        vt = tl.load(V + kv_off, mask=kvm, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        u = tl.load(U + rb * Lk + row0 + j, mask=jm, other=0.0)
+        kb = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+        vb = V + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + row0 * skl
+        kt, vt, u = _load_keys(kb, vb, U + rb * Lk + row0, j, jm, skl, BD, D, UPCAST)
         dk = tl.zeros([BN, BD], tl.float32)
         dv = tl.zeros([BN, BD], tl.float32)
         du = tl.zeros([BN], tl.float32)
