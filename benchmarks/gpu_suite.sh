@@ -27,7 +27,7 @@ for step in $steps; do
     tests)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sparsek_triton.py \
         tests/test_cca_triton.py tests/test_packed_sequences.py tests/test_decode_kernel.py tests/test_generation.py \
-        tests/test_caches.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+        tests/test_caches.py tests/test_model_integration.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     cca)
       timeout ${CCA_TIMEOUT:-150} python3 -m sparsek.kernels.cca_triton_bench 32768 131072 2>&1 | tee "$OUT/cca_bench.log" | tail -30 ;;
     attention)
