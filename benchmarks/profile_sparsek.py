@@ -1,8 +1,8 @@
 """Kernel-level profile of one SparseK fwd+bwd (issue 3's shape) and a threshold diagnostic.
 
 Prints the CUDA kernels of one forward+backward at ``--length`` (content-driven scores) with
-their total time, so that the time can be attributed (selection,
-block lists, forward, dQ, dK/dV, mean term). ``--tau`` adds the per-query comparison of the
+their total time, so that the time can be attributed (selection, block lists, forward, dQ,
+dK/dV, mean term). ``--tau`` adds the per-query comparison of the
 Triton thresholds with the float64 reference in the recency regime (L = 20000), with the
 fractional-set sizes, to locate where the float32 path loses precision.
 

@@ -260,6 +260,17 @@ def test_gpu_forward_deterministic():
     assert torch.equal(a, b)
 
 
+def _selection_case(regime: str, hkv: int, length: int):
+    """Scores of issue 3's two regimes (content: N(0,1); recency: + j/16), one row, no offset."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    u = torch.randn(hkv, length, device="cuda", generator=gen)
+    if regime == "recency":
+        u = u + torch.arange(length, device="cuda", dtype=torch.float32) / 16
+    off = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kvlen = torch.tensor([length], dtype=torch.int32, device="cuda")
+    return u, off, kvlen
+
+
 def _candidate_scale(u: torch.Tensor, window: int, length: int) -> torch.Tensor:
     """``max(1, max_{j <= i - window} |u_j|)`` per query ``i`` (``[rows, length]``)."""
     run = torch.cummax(u.abs(), dim=1).values
@@ -272,12 +283,7 @@ def _candidate_scale(u: torch.Tensor, window: int, length: int) -> torch.Tensor:
 def test_gpu_band_selection_equals_full_path(regime):
     """Default levels (4096 -> 256 -> 1) vs the full path at every query, realistic score regimes."""
     length, hkv, topk, window = 20000, 2, 2048, 512
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    u = torch.randn(hkv, length, device="cuda", generator=gen)
-    if regime == "recency":
-        u = u + torch.arange(length, device="cuda", dtype=torch.float32) / 16
-    off = torch.zeros(1, dtype=torch.int32, device="cuda")
-    kvlen = torch.tensor([length], dtype=torch.int32, device="cuda")
+    u, off, kvlen = _selection_case(regime, hkv, length)
     band = sparsek_selection(u, off, kvlen, length, topk, window, hkv)
     full = sparsek_selection(u, off, kvlen, length, topk, window, hkv, strides=(1,))
     assert band.lists is not None
@@ -309,12 +315,7 @@ def test_gpu_selection_tau_matches_float64_reference(regime, path):
     from sparsek.kernels.sparsek_projection import sparsek_threshold
 
     length, hkv, topk, window = 20000, 2, 2048, 512
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    u = torch.randn(hkv, length, device="cuda", generator=gen)
-    if regime == "recency":
-        u = u + torch.arange(length, device="cuda", dtype=torch.float32) / 16
-    off = torch.zeros(1, dtype=torch.int32, device="cuda")
-    kvlen = torch.tensor([length], dtype=torch.int32, device="cuda")
+    u, off, kvlen = _selection_case(regime, hkv, length)
     strides = None if path == "band" else (1,)
     sel = sparsek_selection(u, off, kvlen, length, topk, window, hkv, strides=strides)
     queries = torch.arange(window + topk + 1, length, 97, device="cuda")
