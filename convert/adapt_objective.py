@@ -2,9 +2,13 @@
 
 Everything a step needs runs inside ``AdaptObjective.forward``:
 
-1. when needed, a dense pass of the *same weights* (``--objective distill|mix`` for the teacher's
-   hidden states, ``--scorer-loss`` for each layer's dense q/k), without gradient: no second
-   copy of the model;
+1. when needed, a dense pass of the *starting weights* (``--objective distill|mix`` for the
+   teacher's hidden states, ``--scorer-loss`` for each layer's dense q/k), without gradient: no
+   second copy of the model. When ``--train`` names weights the dense pass uses (attention, all),
+   their starting values are kept (``freeze_teacher``) and swapped in for that pass only; a
+   teacher that moved with the student would let both drift together (the KL of a model to
+   itself is minimised by any weights that make sparse and dense agree, e.g. a uniform output:
+   CCA adapted that way collapsed to loss 10.9 in 600 steps on the H100);
 2. the sparse (student) pass, with gradient;
 3. next-token cross-entropy and/or KL(dense || sparse), in token chunks through the LM head, each
    chunk recomputed in the backward pass, so the ``[tokens, vocab]`` logits never exist whole.
@@ -102,6 +106,7 @@ class AdaptObjective(nn.Module):
         self.autocast = autocast
         self.settings = model.sparse_settings
         self._scorer_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._teacher: list[tuple[nn.Parameter, torch.Tensor]] = []
         if self.settings.method == "sparsek":
             for layer in model.model.layers:
                 scorer = layer.self_attn.scorer
@@ -118,9 +123,39 @@ class AdaptObjective(nn.Module):
 
         return hook
 
+    def freeze_teacher(self) -> int:
+        """Keep the current values of the trainable weights that the dense pass uses as the teacher's.
+
+        Call once after sharding (the copies are sharded like the parameters) and before a
+        checkpoint is loaded (so a resumed run keeps the same teacher). The scorer is excluded: the
+        dense pass does not use it. Costs one copy of those weights. Returns the element count."""
+        self._teacher = [(p, p.detach().clone()) for n, p in self.named_parameters()
+                         if p.requires_grad and ".scorer." not in n]
+        return sum(s.numel() for _, s in self._teacher)
+
+    @contextlib.contextmanager
+    def _teacher_weights(self):
+        """Swap the teacher's weights in (in place, so FSDP2 gathers them), and back on exit."""
+
+        def swap():
+            with torch.no_grad():
+                for p, saved in self._teacher:
+                    tmp = p.detach().clone()
+                    p.detach().copy_(saved)
+                    saved.copy_(tmp)
+
+        if not self._teacher:
+            yield
+            return
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
     def _amp(self, device: torch.device):
-        if self.autocast and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.autocast:  # adapt turns it on for CUDA (or --autocast bf16); CPU autocast works too
+            return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _hidden(self, input_ids, attention_mask):
@@ -141,25 +176,28 @@ class AdaptObjective(nn.Module):
         want_scorer = sparsek and scorer_scale > 0 and query_index is not None and query_index.numel() > 0
         scorer_stats = torch.zeros(2, device=input_ids.device)
         h_teacher = None
+        # Teacher and student run in separate autocast regions: autocast caches the bf16 copies of
+        # float32 weights for the whole region, so one region would hand the student the
+        # teacher's (swapped-in) weights.
+        if want_teacher or want_scorer:
+
+            def on_layer(module, hidden, positions, q, k):
+                with torch.enable_grad():
+                    w, b = module.scorer.weight, module.scorer.bias
+                    u = module.scorer(hidden.detach(), positions)
+                    loss, n = sparsek_scorer_loss(q, k, u, self.settings.topk, self.settings.window,
+                                                  getattr(module, "scaling", None), lengths, query_index)
+                    if n == 0:
+                        return
+                    gw, gb = torch.autograd.grad(loss * scorer_scale, [w, b])
+                self._scorer_grads[module.layer_idx] = (gw.detach(), gb.detach())
+                scorer_stats.add_(torch.stack([loss.detach(), torch.ones_like(loss)]))
+
+            ctx = capture_dense_layers(self.model, on_layer) if want_scorer else dense_attention(self.model)
+            with self._amp(input_ids.device), torch.no_grad(), ctx, self._teacher_weights():
+                h = self._hidden(input_ids, attention_mask)
+            h_teacher = h.detach() if want_teacher else None
         with self._amp(input_ids.device):
-            if want_teacher or want_scorer:
-
-                def on_layer(module, hidden, positions, q, k):
-                    with torch.enable_grad():
-                        w, b = module.scorer.weight, module.scorer.bias
-                        u = module.scorer(hidden.detach(), positions)
-                        loss, n = sparsek_scorer_loss(q, k, u, self.settings.topk, self.settings.window,
-                                                      getattr(module, "scaling", None), lengths, query_index)
-                        if n == 0:
-                            return
-                        gw, gb = torch.autograd.grad(loss * scorer_scale, [w, b])
-                    self._scorer_grads[module.layer_idx] = (gw.detach(), gb.detach())
-                    scorer_stats.add_(torch.stack([loss.detach(), torch.ones_like(loss)]))
-
-                ctx = capture_dense_layers(self.model, on_layer) if want_scorer else dense_attention(self.model)
-                with torch.no_grad(), ctx:
-                    h = self._hidden(input_ids, attention_mask)
-                h_teacher = h.detach() if want_teacher else None
             h_student = self._hidden(input_ids, attention_mask)
             sums = token_losses(self.model.lm_head, h_student, h_teacher, input_ids, attention_mask, self.temperature)
         if self.objective == "lm":
@@ -177,18 +215,19 @@ class AdaptObjective(nn.Module):
         with self._amp(input_ids.device):
             sparse_ce = token_losses(self.model.lm_head, self._hidden(input_ids, attention_mask), None,
                                      input_ids, attention_mask)[0]
-            if self.settings.method == "sparsek":
+        if self.settings.method == "sparsek":
 
-                def on_layer(module, hidden, positions, q, k):
-                    u = module.scorer(hidden, positions)
-                    r, informative = sparsek_selection_recall(q, k, u, self.settings.topk, self.settings.window,
-                                                              getattr(module, "scaling", None), lengths)
-                    recall.add_(torch.stack([(r * informative).sum(), informative.sum().float()]))
+            def on_layer(module, hidden, positions, q, k):
+                u = module.scorer(hidden, positions)
+                r, informative = sparsek_selection_recall(q, k, u, self.settings.topk, self.settings.window,
+                                                          getattr(module, "scaling", None), lengths)
+                recall.add_(torch.stack([(r * informative).sum(), informative.sum().float()]))
 
-                ctx = capture_dense_layers(self.model, on_layer)
-            else:
-                ctx = dense_attention(self.model)
-            with ctx:
-                dense_ce = token_losses(self.model.lm_head, self._hidden(input_ids, attention_mask), None,
-                                        input_ids, attention_mask)[0]
+            ctx = capture_dense_layers(self.model, on_layer)
+        else:
+            ctx = dense_attention(self.model)
+        # the dense reference is the teacher (starting weights); its own autocast region (see forward)
+        with self._amp(input_ids.device), ctx, self._teacher_weights():
+            dense_ce = token_losses(self.model.lm_head, self._hidden(input_ids, attention_mask), None,
+                                    input_ids, attention_mask)[0]
         return None, torch.stack([sparse_ce, dense_ce, recall[0], recall[1]])

@@ -270,6 +270,9 @@ def _run(cfg: AdaptConfig, rank: int, world: int, main: bool, abort_after_step: 
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(objective)
+    if cfg.objective in ("distill", "mix"):
+        # the teacher is the model as it starts (before any checkpoint is loaded): see AdaptObjective
+        objective.freeze_teacher()
     named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     scorer = [p for n, p in named if ".scorer." in n]

@@ -457,3 +457,49 @@ def test_cca_rejects_scorer_options(tiny_cca, tmp_path, capsys):
                            (["--train", "scorer"], "needs a SparseK model")):
         code, err = _cli(["adapt", str(tiny_cca), "-o", str(tmp_path / "o"), "--steps", "1", "-q", *extra], capsys)
         assert code == 2 and message in err, err
+
+
+# --- the distillation teacher --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_distill_teacher_stays_the_starting_weights(tiny, autocast):
+    """With --train attention, the teacher (dense pass) keeps the starting attention weights: the
+    objective's KL and eval dense loss equal those computed with an untouched copy of the model,
+    the trained weights are back in place after each pass, and (bf16 autocast) no pass reuses the
+    other's cached bf16 weights."""
+    from sparsek.convert.adapt_objective import AdaptObjective, token_losses
+    from sparsek.runtime.dense_switch import dense_attention
+    from sparsek.runtime.loading import load_model
+
+    model, original = load_model(tiny, device="cpu", dtype="float32"), load_model(tiny, device="cpu", dtype="float32")
+    select_trainable(model, "attention")
+    objective = AdaptObjective(model, "distill", 0.5, 1.0, autocast)
+    assert objective.freeze_teacher() > 0
+    with torch.no_grad():  # "training" moved the attention weights
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(-1.5)
+    moved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+
+    loss, stats = objective(ids, mask)
+    assert all(torch.equal(p, moved[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        with amp, dense_attention(original):
+            h_t = original.model(input_ids=ids).last_hidden_state
+        with amp:
+            h_s = model.model(input_ids=ids).last_hidden_state
+            expected = token_losses(model.lm_head, h_s, h_t, ids, mask)
+    torch.testing.assert_close(stats[:2], expected, rtol=1e-5, atol=1e-5)
+
+    _, ev = objective(ids, mask, mode="eval")
+    with torch.no_grad():
+        with amp, dense_attention(original):
+            dense = token_losses(original.lm_head, original.model(input_ids=ids).last_hidden_state, None, ids, mask)[0]
+        with amp, dense_attention(model):
+            drifted = token_losses(model.lm_head, model.model(input_ids=ids).last_hidden_state, None, ids, mask)[0]
+    torch.testing.assert_close(ev[1], dense, rtol=1e-5, atol=1e-5)
+    assert abs(ev[1] - drifted) > 1e-2  # the check can tell the teacher from the moved weights
+    assert all(torch.equal(p, moved[n]) for n, p in model.named_parameters())
