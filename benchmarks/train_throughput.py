@@ -63,12 +63,21 @@ def measure(method: str, length: int, args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
-    objective = AdaptObjective(model, "lm", 0.0, 1.0, autocast=True)
+    objective = AdaptObjective(model, args.objective, 0.5, 1.0, autocast=True)
+    if args.objective != "lm":
+        objective.freeze_teacher()
     params = [p for p in objective.parameters() if p.requires_grad]
     cuda = args.device == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
-    ids = torch.randint(0, args.vocab, (1, length), device=args.device)
+    ids = torch.randint(0, args.vocab, (args.batch, length), device=args.device)
     mask = torch.ones_like(ids)
+    qidx = None
+    if method == "sparsek" and args.scorer_loss > 0:
+        from sparsek.kernels.sparsek_scorer_loss import sample_queries
+
+        qidx = sample_queries(length, args.scorer_queries, args.k, args.window, torch.Generator().manual_seed(0),
+                              args.device)
+    tokens = args.batch * length
     times, fwd_bwd = [], []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -79,7 +88,8 @@ def measure(method: str, length: int, args) -> dict:
             for i in range(args.warmup + args.steps):
                 sync()
                 t0 = time.perf_counter()
-                loss, _ = objective(ids, mask, loss_scale=1.0 / length)
+                loss, _ = objective(ids, mask, loss_scale=1.0 / tokens, scorer_scale=args.scorer_loss,
+                                    query_index=qidx)
                 loss.backward()
                 sync()
                 t1 = time.perf_counter()
@@ -90,9 +100,11 @@ def measure(method: str, length: int, args) -> dict:
                 if i >= args.warmup:
                     times.append(t2 - t0)
                     fwd_bwd.append(t1 - t0)
+        if args.profile:
+            profile_step(objective, opt, ids, mask, qidx, tokens, args)
         step = statistics.median(times)
         return {"method": method, "length": length, "params": n_params, "step_s": step,
-                "fwd_bwd_s": statistics.median(fwd_bwd), "tokens_per_s": length / step,
+                "fwd_bwd_s": statistics.median(fwd_bwd), "tokens_per_s": tokens / step,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
     except torch.cuda.OutOfMemoryError:
         return {"method": method, "length": length, "params": n_params, "oom": True}
@@ -100,6 +112,23 @@ def measure(method: str, length: int, args) -> dict:
         del objective, model, opt
         if cuda:
             torch.cuda.empty_cache()
+
+
+def profile_step(objective, opt, ids, mask, qidx, tokens: int, args) -> None:
+    """One more step under torch.profiler: where the step's time goes (GPU kernels and CPU ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        loss, _ = objective(ids, mask, loss_scale=1.0 / tokens, scorer_scale=args.scorer_loss, query_index=qidx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
 def target_for(length: int) -> float | None:
@@ -136,6 +165,11 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["dense", "sparsek", "cca"], choices=["dense", "sparsek", "cca"])
     p.add_argument("--train", default="all", choices=["scorer", "attention", "all"])
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1, help="rows per step")
+    p.add_argument("--objective", default="lm", choices=["lm", "distill", "mix"])
+    p.add_argument("--scorer-loss", type=float, default=0.0, help="SPEC 1.6 scorer loss weight (SparseK)")
+    p.add_argument("--scorer-queries", type=int, default=64, help="sampled queries for the scorer loss")
+    p.add_argument("--profile", type=int, default=0, help="after timing, profile one step: print the top N ops")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=16)
@@ -168,8 +202,9 @@ def main() -> None:
             rows.append(r)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     md = table(rows, args)
-    header = (f"Training step of `sparsek adapt` (--train {args.train}, lm objective, bf16 autocast, fp32 params, "
-              f"activation checkpointing, AdamW), batch 1 row, random {rows[0].get('params', 0) / 1e9:.2f}B-parameter "
+    header = (f"Training step of `sparsek adapt` (--train {args.train}, {args.objective} objective"
+              f"{f', scorer loss {args.scorer_loss:g}' if args.scorer_loss else ''}, bf16 autocast, fp32 params, "
+              f"activation checkpointing, AdamW), batch {args.batch} row(s), random {rows[0].get('params', 0) / 1e9:.2f}B-parameter "
               f"Llama-shaped model, {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}. SparseK k={args.k}, "
               f"w={args.window}; CCA g={args.group}, s={args.cca_window}. Median of {args.steps} steps after "
               f"{args.warmup} warm-up steps.\n\n")

@@ -176,7 +176,8 @@ def _backward_kernels(plan: _Plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow
         do, lse, delta, dq, mrow, btab, tok, *strides,
         plan.lq, plan.lk, plan.window, scale, plan.nblocks, plan.cap,
         HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["BN"], D=plan.d, BD=bd,
-        UPCAST=upcast, PACKED=packed, num_warps=c["warps"], num_stages=c["stages"], **dot_options(q.dtype),
+        UPCAST=upcast, PACKED=packed, num_warps=c.get("dq_warps", c["warps"]),
+        num_stages=c.get("dq_stages", c["stages"]), **dot_options(q.dtype),
     )
     bq = max(1, c["dkdv_BM"] // plan.g)
     bm = triton.next_power_of_2(plan.g * bq)

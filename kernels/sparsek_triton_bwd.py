@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparsek_triton_attn import _load_keys, _visibility
+from .sparsek_triton_attn import LOG2E, _load_keys, _visibility
 from .sparsek_triton_select import _row_item
 
 
@@ -67,9 +67,9 @@ def _load_rows(Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, rb, row0, i0, off, kvlen
 
 
 @triton.jit
-def _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST: tl.constexpr):
-    s = tl.dot(q, tl.trans(kt)) * scale
-    p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+def _dq_tile(dq, mrow, q, do, lse2, delta, kt, vt, vis, gate, frac, qk_scale, UPCAST: tl.constexpr):
+    """``qk_scale = scale * log2(e)``, ``lse2 = lse * log2(e)``: one FMA and an ``exp2`` per element."""
+    p = tl.where(vis, tl.exp2(tl.dot(q, tl.trans(kt)) * qk_scale - lse2[:, None]), 0.0)
     dw = tl.dot(do, tl.trans(vt))
     ds = p * (dw * gate - delta[:, None])
     if UPCAST:
@@ -105,6 +105,8 @@ def _sparsek_bwd_dq_kernel(
     ub = U + rb * Lk + row0
     dq = tl.zeros([BM, BD], tl.float32)
     mrow = tl.zeros([BM], tl.float32)
+    qk_scale = scale * LOG2E
+    lse2 = lse * LOG2E
 
     cnt = tl.load(CNT + slot)
     ib = IDX + slot * cap
@@ -114,7 +116,7 @@ def _sparsek_bwd_dq_kernel(
         j = tl.load(ib + t, mask=jm, other=0)
         kt, vt, u = _load_keys(kb, vb, ub, j, jm, skl, BD, D, UPCAST)
         vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, False)
-        dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
+        dq, mrow = _dq_tile(dq, mrow, q, do, lse2, delta, kt, vt, vis, gate, frac, qk_scale, UPCAST)
 
     i_last = tl.minimum(i0 + BQ, lq) - 1
     lo = tl.maximum(off + i0 - window + 1, 0)
@@ -124,7 +126,7 @@ def _sparsek_bwd_dq_kernel(
         jm = j < hi
         kt, vt, u = _load_keys(kb, vb, ub, j, jm, skl, BD, D, UPCAST)
         vis, gate, frac = _visibility(j, u, pos, tau, thu, thj, q_ok, jm, window, True)
-        dq, mrow = _dq_tile(dq, mrow, q, do, lse, delta, kt, vt, vis, gate, frac, scale, UPCAST)
+        dq, mrow = _dq_tile(dq, mrow, q, do, lse2, delta, kt, vt, vis, gate, frac, qk_scale, UPCAST)
 
     rm = row_ok[:, None] & dm[None, :]
     dqp = DQ + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + (row0 + qi.to(tl.int64))[:, None] * sql + d[None, :]
@@ -153,6 +155,7 @@ def _dkdv_loop(
     q0 = (row0 + I0 + first * BQ + rr).to(tl.int64)  # token of each row in the first visited block
     qT_ptr = Q + b.to(tl.int64) * sqb + (h.to(tl.int64) * sqh + q0 * sql)[None, :] + d[:, None]
     do_ptr = DO + b.to(tl.int64) * sdb + (h.to(tl.int64) * sdh + q0 * sdl)[:, None] + d[None, :]
+    qk_scale = scale * LOG2E
     st_ptr = rb * Lq + q0  # per-(KV head, token) statistics
     sr_ptr = (rb * G + g) * Lq + q0  # per-(query head, token) statistics
     for s in range(first, NSUB):
@@ -183,8 +186,7 @@ def _dkdv_loop(
             # selected key's gate is > 0, so it is fractional iff < 1 (pT is 0 where not visible)
             vis = sel & jm[:, None] & q_ok[None, :]
             frac = gate < 1.0
-        sT = tl.dot(kt, qT) * scale
-        pT = tl.where(vis, tl.exp(sT - lse[None, :]), 0.0)
+        pT = tl.where(vis, tl.exp2(tl.dot(kt, qT) * qk_scale - lse[None, :] * LOG2E), 0.0)
         dwT = tl.dot(vt, tl.trans(do))
         dsT = pT * (dwT * gate - delta[None, :])
         if UPCAST:
