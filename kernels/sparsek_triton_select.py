@@ -226,7 +226,16 @@ def _full_select(ub, n, topk, BQ: tl.constexpr, BN: tl.constexpr):
     return tau, thu, thj, nfr
 
 
-@triton.jit
+# Triton specialises integer arguments on divisibility by 16, and for the score rows' length
+# ``Lk`` that changes the layout the compiler picks for the reductions over a score block. A document
+# packed with others (``Lk`` = total tokens) and the same document alone (``Lk`` = its length) then
+# get differently compiled selection kernels whose float32 sums differ in the last bits, so tau and
+# the whole forward are no longer bit-identical (seen on the H100). The score loads are masked row
+# gathers, which gain little from a known alignment; the selection timings are in docs/benchmarks.md.
+_SCORE_LENGTH = ["Lk"]
+
+
+@triton.jit(do_not_specialize_on_alignment=_SCORE_LENGTH)
 def _anchor_kernel(
     U, OFF, KVLEN, TAU, THU, THJ, NFRAC, TOK,
     Lq, Lk, topk, window, stride, nq,
@@ -257,7 +266,7 @@ def _margin(t):
     return tl.where(t > float("-inf"), 1e-3 + 1e-5 * tl.abs(t), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_SCORE_LENGTH)
 def _band_build_kernel(
     U, OFF, KVLEN, TAU, THU, EJ, EU, FJ, FU, LJ, CF, CI, ITAB, TOK,
     Lq, Lk, window, S, M, CAP_E, CAP_F, CAP_L,
@@ -375,7 +384,7 @@ def _band_c(tc, ca, fjb, fub, cf, n, BE: tl.constexpr):
     return c
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_SCORE_LENGTH)
 def _band_select_kernel(
     U, OFF, KVLEN, TAU, THU, THJ, NFRAC, EJ, EU, FJ, FU, CF, CI, ITAB, TOK,
     Lq, Lk, topk, window, S, R, M, TPI, CAP_E, CAP_F,

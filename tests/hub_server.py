@@ -97,9 +97,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _base(self) -> str:
         return f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
 
-    def _body(self) -> bytes:
+    def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
+
+    def _body(self) -> bytes:
+        return self._payload
 
     def _send(self, status: int, payload=None, headers: dict | None = None, body: bytes | None = None, head=False):
         if body is None:
@@ -142,6 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self.state.requests.append((method, self.path))
+        # Read the whole body before any answer, errors included: on a kept-alive connection an
+        # unread body would be parsed as the start of the client's next request.
+        self._payload = self._read_body()
         if self.state.offline:
             self.close_connection = True
             return

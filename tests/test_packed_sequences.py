@@ -184,6 +184,24 @@ def test_sparsek_packed_fp16_flash_rule(one_thread):
         assert _rel(a, r64) <= 2 * _rel(r, r64) + 1e-6, (name, _rel(a, r64), _rel(r, r64))
 
 
+def test_sparsek_selection_kernels_compile_alike_packed_and_alone():
+    """On the GPU a packed document must be bit-identical to itself alone. Triton would specialise the
+    selection kernels on whether the score length ``Lk`` (total packed tokens vs the document's own
+    length) is a multiple of 16 and compile the score reductions differently, moving tau by ulps; the
+    interpreter has no such specialisation, so CPU runs cannot see it. Guard the declaration here; the
+    bitwise comparison itself is ``test_gpu_sparsek_packed_bf16``."""
+    from triton.runtime.jit import JITFunction
+
+    from sparsek.kernels import sparsek_triton_select as sel
+
+    for kernel in (sel._anchor_kernel, sel._band_build_kernel, sel._band_select_kernel):
+        if not isinstance(kernel, JITFunction):  # under the interpreter: build what the GPU would
+            kernel = JITFunction(kernel.fn, **kernel.kwargs)
+        params = {p.name: p for p in kernel.params}
+        assert params["Lk"].do_not_specialize_on_alignment, kernel
+        assert not params["Lq"].do_not_specialize_on_alignment, kernel  # only what needs it
+
+
 @pytest.mark.parametrize("fn", [sparsek_attention_reference, sparsek_attention_triton])
 def test_sparsek_packed_bad_input(fn):
     inputs, _ = _sparsek_inputs(2, 1, [3, 4], 16)

@@ -232,6 +232,30 @@ def test_push_errors(hub, converted, tmp_path, monkeypatch, case, message):
         assert "model.safetensors" not in hub.files("bob/taken")
 
 
+def test_refused_request_leaves_the_connection_usable(hub):
+    """A request the server refuses before looking at its body (403 here) must not leave that body
+    on a kept-alive connection, where it would be read as the start of the next request: the
+    in-process Hub client pools connections across pushes (a refused push, then any later one)."""
+    import http.client
+
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.url).create_repo("bob/pooled", token=BOB, exist_ok=True)
+    conn = http.client.HTTPConnection("127.0.0.1", int(hub.url.rsplit(":", 1)[1]), timeout=30)
+    try:
+        body = json.dumps({"files": [{"path": "README.md", "sample": "eA==", "size": 1}]})
+        conn.request("POST", "/api/models/bob/pooled/preupload/main", body=body,
+                     headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})
+        refused = conn.getresponse()
+        refused.read()
+        assert refused.status == 403
+        conn.request("GET", "/api/whoami-v2", headers={"Authorization": f"Bearer {ALICE}"})
+        again = conn.getresponse()
+        assert again.status == 200 and json.loads(again.read())["name"] == "alice"
+    finally:
+        conn.close()
+
+
 @pytest.mark.slow
 def test_rerun_completes_an_interrupted_upload(hub, converted, tmp_path):
     env = hub_env(hub, tmp_path / "hf")
