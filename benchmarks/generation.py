@@ -314,6 +314,7 @@ class _Stamps:
 def run_dense(model, length, steps, dev):
     """Warm TTFT and steady decode tok/s of ``generate()`` at batch 1; returns (row, cache)."""
     from sparsek.runtime.dense_switch import dense_attention
+    from sparsek.runtime.transformers_compat import output_cache
 
     ids = torch.tensor([prompt_ids(model, length)], device=dev)
     with dense_attention(model), torch.inference_mode():
@@ -331,7 +332,7 @@ def run_dense(model, length, steps, dev):
     tokens = clock.times[1:]  # [0] is the prompt
     row = dict(ttft=tokens[0] - t0, tps=steady_rate(tokens, skip=0) if len(tokens) > 2 else 0.0,
                kv=kv_bytes_dense(model, length), peak=peak)
-    return row, out.past_key_values
+    return row, output_cache(out)
 
 
 def kv_bytes_dense(model, length, batch=1):
@@ -354,6 +355,7 @@ def dense_attention_time(model, length, dev):
 def batch_decode_dense(model, dense_cache, batch, steps, dev):
     """Aggregate tok/s of the model's forward over its DynamicCache (row 0 replicated)."""
     from sparsek.runtime.dense_switch import dense_attention
+    from sparsek.runtime.transformers_compat import with_cache
 
     for layer in dense_cache.layers:  # layer by layer: the peak is one layer above the result
         for name in ("keys", "values"):
@@ -366,7 +368,7 @@ def batch_decode_dense(model, dense_cache, batch, steps, dev):
             nonlocal tok
             for i in range(n):
                 pos = torch.full((batch, 1), first + i, device=dev)
-                logits = model(tok, past_key_values=dense_cache, position_ids=pos, logits_to_keep=1).logits
+                logits = model(tok, position_ids=pos, logits_to_keep=1, **with_cache(model, dense_cache)).logits
                 tok = logits[:, -1].argmax(-1, keepdim=True)
 
         loop(1, past)

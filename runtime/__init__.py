@@ -8,6 +8,36 @@ Importing the model classes registers them with transformers' Auto classes.
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
+
+
+def _keep_hub_kernels_importable() -> None:
+    """Let ``import kernels`` mean the installed Hub-kernels package, not a sparsek checkout's folder.
+
+    transformers >= 5.25 depends on the ``kernels`` distribution and imports it. Where a sparsek
+    checkout's root is on ``sys.path`` (``python -m sparsek.cli`` or pytest run from the checkout),
+    its top-level ``kernels/`` folder (installed as ``sparsek.kernels``) would shadow that package and
+    break ``import transformers``. Import the installed one once with such a root left out of the
+    path; ``sys.modules`` then keeps it. Nothing happens where no checkout root is on the path.
+    """
+    if "kernels" in sys.modules:
+        return
+    ours = Path(__file__).resolve().parent.parent / "kernels"  # the checkout's folder, if we run from one
+    roots = {str(Path(p or ".").resolve()) for p in sys.path if (Path(p or ".") / "kernels").resolve() == ours}
+    if not roots:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if str(Path(p or ".").resolve()) not in roots]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        sys.modules.pop("kernels", None)  # not installed: transformers then skips it as well
+    finally:
+        sys.path[:] = saved
+
+
+_keep_hub_kernels_importable()
 
 _EXPORTS = {
     "CONFIG_CLASSES": "configuration_sparsek",

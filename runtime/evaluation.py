@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dense_switch import dense_attention
+from .transformers_compat import with_cache
 
 LOGIT_CHUNK = 512
 Progress = Callable[[int], None] | None
@@ -338,7 +339,7 @@ def bounded_cache_bytes(config, settings, length: int, dtype: torch.dtype) -> di
 @torch.no_grad()
 def _forward_step(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
     positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions)
+    out = model(input_ids=ids, use_cache=True, position_ids=positions, **with_cache(model, cache))
     return out.logits
 
 

@@ -23,6 +23,7 @@ import torch
 from .cache_cca import make_cache
 from .cache_sparsek import BoundedCache
 from .sampling import SamplingConfig, next_tokens
+from .transformers_compat import with_cache
 
 # on_token(row, token_id, text_delta): called for every generated token of a live row
 TokenCallback = Callable[[int, int, str], None]
@@ -122,8 +123,8 @@ class Generator:
     # --- model calls ----------------------------------------------------------------------------
     def _forward(self, ids, cache, mask=None, positions=None) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **with_cache(self.model, cache),
         )
         return out.logits[:, -1]
 

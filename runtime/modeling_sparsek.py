@@ -283,13 +283,16 @@ register_attention()
 class SparseAttentionMixin:
     """Runs the scorer and passes scores and cache to the registered attention function."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        # transformers < 5.25 hands the cache over as ``past_key_values``, later releases as ``cache``;
+        # it stays in ``kwargs`` under the name it came with, for the base class to consume.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if self.config._attn_implementation == ATTENTION_NAME:
-            kwargs["sparse_cache"] = past_key_values
+            kwargs["sparse_cache"] = cache
             if self.sparse.method == "sparsek":
                 positions = kwargs.get("position_ids")
                 if positions is None:
-                    start = _past_length(past_key_values, self.layer_idx)
+                    start = _past_length(cache, self.layer_idx)
                     positions = torch.arange(start, start + hidden_states.shape[1], device=hidden_states.device)
                 if positions.dim() == 1:
                     positions = positions[None]
@@ -299,7 +302,6 @@ class SparseAttentionMixin:
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             **kwargs,
         )
 

@@ -4,39 +4,18 @@ Triton kernels run under the interpreter on machines without a GPU; the variable
 before any kernel module is imported, so it is set here, first.
 """
 
-import importlib
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-
-def _import_installed_hub_kernels() -> None:
-    """Make ``import kernels`` mean the installed Hub-kernels distribution, not our ``kernels/`` folder.
-
-    transformers >= 5.25 depends on the ``kernels`` distribution and imports it when present. The
-    repository root is on ``sys.path`` under pytest, and there our top-level ``kernels/`` folder (which
-    installs as ``sparsek.kernels``) would shadow it and break ``import transformers``. Importing the
-    installed package once, with the root left out of the path, pins it in ``sys.modules``.
-    """
-    root = Path(__file__).resolve().parents[1]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        sys.modules.pop("kernels", None)  # not installed: transformers then skips it too
-    finally:
-        sys.path[:] = saved
-
-
-_import_installed_hub_kernels()
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# Before anything imports transformers: importing sparsek.runtime keeps the installed Hub
+# ``kernels`` package importable although this checkout's ``kernels/`` folder is on the path.
+import sparsek.runtime  # noqa: E402, F401
 
 
 def pytest_collection_modifyitems(config, items):

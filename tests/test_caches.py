@@ -11,6 +11,7 @@ from sparsek.runtime.cache_cca import CCACache, make_cache
 from sparsek.runtime.cache_sparsek import SparseKCache
 from sparsek.runtime.configuration_sparsek import CONFIG_CLASSES
 from sparsek.runtime.modeling_sparsek import MODEL_CLASSES
+from sparsek.runtime.transformers_compat import with_cache
 
 W, K, GROUP, S = 4, 5, 3, 5
 
@@ -44,7 +45,7 @@ def decode_all(model, ids, mask=None, first=1, chunk=1):
     with torch.no_grad():
         for c0 in [0, *range(first, ids.shape[1], chunk)]:
             c1 = first if c0 == 0 else min(ids.shape[1], c0 + chunk)
-            out = model(ids[:, c0:c1], attention_mask=mask[:, :c1], position_ids=pos[:, c0:c1], past_key_values=cache)
+            out = model(ids[:, c0:c1], attention_mask=mask[:, :c1], position_ids=pos[:, c0:c1], **with_cache(model, cache))
             outs.append(out.logits)
     return torch.cat(outs, 1), cache
 
@@ -108,9 +109,9 @@ def test_cache_bound_at_long_length(method):
     cache = make_cache(model)
     logits = []
     with torch.no_grad():
-        logits.append(model(ids[:, :40], past_key_values=cache).logits)
+        logits.append(model(ids[:, :40], **with_cache(model, cache)).logits)
         for t in range(40, length):
-            logits.append(model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]])).logits)
+            logits.append(model(ids[:, t : t + 1], **with_cache(model, cache), position_ids=torch.tensor([[t]])).logits)
             held = cache.stored_kv_entries()
             layer = cache.layers[0]
             if method == "sparsek":
@@ -163,7 +164,7 @@ def test_generate_accepts_bounded_cache_and_beam_reorder():
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(6))
     cache = make_cache(model)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False, num_beams=1)
+        out = model.generate(ids, **with_cache(model, cache), max_new_tokens=5, do_sample=False, num_beams=1)
     assert out.shape == (2, 16)
     assert cache.get_seq_length() == 15
     cache.reorder_cache(torch.tensor([1, 0]))

@@ -6,6 +6,7 @@ import torch
 from sparsek.runtime.cache_cca import make_cache
 from sparsek.runtime.generation import Generator
 from sparsek.runtime.sampling import SamplingConfig, apply_repetition_penalty, filter_top_k_top_p, next_tokens
+from sparsek.runtime.transformers_compat import with_cache
 
 from .test_caches import tiny_model
 
@@ -31,7 +32,7 @@ def test_greedy_loop_equals_generate(arch, method):
         dense_cache = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
         # ... and with our bounded cache
         bounded = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                                 past_key_values=make_cache(model))
+                                 **with_cache(model, make_cache(model)))
     for i, r in enumerate(results):
         assert r.token_ids == dense_cache[i, width:].tolist()
         assert r.token_ids == bounded[i, width:].tolist()
@@ -104,8 +105,8 @@ def test_gpu_cuda_graph_decode_equals_eager_and_prefill(method):
     with torch.no_grad():
         full = model(ids).logits
         cache = make_cache(model)
-        first = model(ids[:, :50], past_key_values=cache).logits
-        steps = [model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]], device="cuda")).logits
+        first = model(ids[:, :50], **with_cache(model, cache)).logits
+        steps = [model(ids[:, t : t + 1], **with_cache(model, cache), position_ids=torch.tensor([[t]], device="cuda")).logits
                  for t in range(50, ids.shape[1])]
     dec = torch.cat([first, *steps], 1)
     assert (dec - full).abs().max() <= 2e-2 * full.abs().max()

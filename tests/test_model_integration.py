@@ -17,6 +17,7 @@ from transformers import (
 
 from sparsek.runtime import CONFIG_CLASSES, MODEL_CLASSES, sparse_settings
 from sparsek.runtime.dense_switch import dense_attention
+from sparsek.runtime.transformers_compat import with_cache
 
 BASES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -87,9 +88,9 @@ def test_prefill_equals_token_by_token_decode(arch, method):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :7], past_key_values=cache, use_cache=True).logits]  # a chunk, then tokens
+        steps = [model(ids[:, :7], **with_cache(model, cache), use_cache=True).logits]  # a chunk, then tokens
         for t in range(7, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], **with_cache(model, cache), use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=0)
 
 
