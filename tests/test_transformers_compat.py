@@ -57,3 +57,22 @@ def test_both_names_reach_the_bounded_cache(method):
                       for t in range(9, 17)]
         assert cache.get_seq_length() == 17, name
         assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4), name
+
+
+def test_transformers_imports_from_a_checkout_root():
+    """From a checkout's root (``python -m sparsek.cli`` there), our top-level ``kernels/`` folder is on
+    ``sys.path``; transformers >= 5.25 imports the Hub ``kernels`` package and must not get ours."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hub kernels package is not installed (transformers < 5.25 does not need it)")
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sparsek.runtime, transformers.modeling_utils, kernels, sparsek.kernels; "
+            "print(kernels.__file__ != sparsek.kernels.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
