@@ -21,14 +21,15 @@ def _keep_hub_kernels_importable() -> None:
     break ``import transformers``. Import the installed one once with such a root left out of the
     path; ``sys.modules`` then keeps it. Nothing happens where no checkout root is on the path.
     """
-    if "kernels" in sys.modules:
-        return
-    ours = Path(__file__).resolve().parent.parent / "kernels"  # the checkout's folder, if we run from one
-    roots = {str(Path(p or ".").resolve()) for p in sys.path if (Path(p or ".") / "kernels").resolve() == ours}
-    if not roots:
+    root = Path(__file__).resolve().parents[1]  # a checkout's root when run from one
+
+    def is_root(entry: str) -> bool:
+        return Path(entry or ".").resolve() == root
+
+    if "kernels" in sys.modules or not any(map(is_root, sys.path)):
         return
     saved = sys.path[:]
-    sys.path[:] = [p for p in saved if str(Path(p or ".").resolve()) not in roots]
+    sys.path[:] = [p for p in saved if not is_root(p)]
     try:
         importlib.import_module("kernels")
     except ImportError:
