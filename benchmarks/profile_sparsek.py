@@ -1,12 +1,14 @@
 """Kernel-level profile of one SparseK fwd+bwd (issue 3's shape) and a threshold diagnostic.
 
-Prints the CUDA kernels of one forward+backward at ``--length`` (content-driven scores) with
-their total time, so that the time can be attributed (selection, block lists, forward, dQ,
-dK/dV, mean term). ``--tau`` adds the per-query comparison of the
+Prints the CUDA kernels of one forward+backward at ``--length`` (``--regime`` content or recency
+scores) with their total time, so that the time can be attributed (selection, block lists,
+forward, dQ, dK/dV, mean term). ``--selection`` times the selection alone (thresholds + block
+lists) for several level layouts (``strides``) and lists its kernel launches one by one, in order,
+so that the time of each level is visible. ``--tau`` adds the per-query comparison of the
 Triton thresholds with the float64 reference in the recency regime (L = 20000), with the
 fractional-set sizes, to locate where the float32 path loses precision.
 
-    python benchmarks/profile_sparsek.py --length 131072 --tau
+    python benchmarks/profile_sparsek.py --length 131072 --regime recency --selection --tau
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ import argparse
 import torch
 
 
-def profile(length: int) -> None:
+def _scores(length: int, regime: str, hkv: int = 8) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    u = torch.randn(1, hkv, length, device="cuda", generator=g)
+    if regime == "recency":
+        u = u + torch.arange(length, device="cuda", dtype=torch.float32) / 16
+    return u
+
+
+def _kernel_rows(prof) -> list[tuple[str, float]]:
+    return [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def profile(length: int, regime: str = "content") -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -27,7 +41,7 @@ def profile(length: int) -> None:
     q = torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     k = torch.randn(1, hkv, length, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     v = torch.randn(1, hkv, length, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    u = torch.randn(1, hkv, length, device="cuda", generator=g).requires_grad_()
+    u = _scores(length, regime, hkv).requires_grad_()
     do = torch.randn_like(q)
 
     def step():
@@ -40,16 +54,76 @@ def profile(length: int) -> None:
         step()
         torch.cuda.synchronize()
     rows = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            name = e.name[:60]
-            t, n = rows.get(name, (0.0, 0))
-            rows[name] = (t + e.device_time, n + 1)
+    for name, dt in _kernel_rows(prof):
+        t, n = rows.get(name[:60], (0.0, 0))
+        rows[name[:60]] = (t + dt, n + 1)
     total = sum(t for t, _ in rows.values())
-    print(f"\n## L={length}: {total / 1e3:.1f} ms of kernels")
+    print(f"\n## L={length}, {regime}: {total / 1e3:.1f} ms of kernels")
     print("| kernel | ms | calls | share |\n|---|---|---|---|")
     for name, (t, n) in sorted(rows.items(), key=lambda x: -x[1][0])[:14]:
         print(f"| {name} | {t / 1e3:.2f} | {n} | {t / total:.1%} |")
+
+
+STRIDE_VARIANTS = {
+    "default": {},
+    "4096,256,64,1": {"strides": (4096, 256, 64, 1)},
+    "4096,512,64,1": {"strides": (4096, 512, 64, 1)},
+    "2048,128,1": {"strides": (2048, 128, 1)},
+    "8192,256,1": {"strides": (8192, 256, 1)},
+    "anchor_bq=1": {"anchor_block_q": 1},
+    "anchor_bn=256": {"anchor_block_n": 256},
+    "build_bn=256": {"build_block_n": 256},
+    "band_bq=16": {"band_block_q": 16},
+}
+
+
+def selection(length: int, regimes: list[str], reps: int = 10) -> None:
+    """Selection alone (thresholds + block lists, issue 3's shape): medians per layout, launches in order."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from sparsek.kernels.sparsek_triton import _config
+    from sparsek.kernels.sparsek_triton_select import sparsek_block_lists, sparsek_selection
+
+    hkv, topk, window = 8, 2048, 512
+    cfg = _config(4, 128, torch.bfloat16)
+    off = torch.zeros(1, dtype=torch.int32, device="cuda")
+    kvlen = torch.tensor([length], dtype=torch.int32, device="cuda")
+    for regime in regimes:
+        u = _scores(length, regime, hkv).reshape(hkv, length).contiguous()
+
+        def run(u=u, **kw):
+            sel_kw = dict(cfg["sel"])
+            strides = kw.pop("strides", None)
+            sel_kw.update(kw)
+            sel = sparsek_selection(u, off, kvlen, length, topk, window, hkv, strides, cfg["SEL_BQ"],
+                                    cfg["SEL_BN"], **sel_kw)
+            sparsek_block_lists(u, off, kvlen, sel.thu, sel.thj, length, topk, window, hkv, 32, cfg["LIST_BN"],
+                                sel.lists)
+            return sel
+
+        ref = run()
+        print(f"\n## selection, L={length}, {regime} (k={topk}, w={window}, Hkv={hkv})")
+        print(f"| layout | ms (median of {reps}) | tau max abs diff vs default | theta equal |\n|---|---|---|---|")
+        for name, kw in STRIDE_VARIANTS.items():
+            sel = run(**dict(kw))
+            times = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                run(**dict(kw))
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            times.sort()
+            diff = (sel.tau - ref.tau).abs().max().item()
+            same = bool(torch.equal(sel.thu, ref.thu) and torch.equal(sel.thj, ref.thj))
+            print(f"| {name} | {times[len(times) // 2]:.2f} | {diff:.2e} | {same} |")
+        for name in ("default", "4096,256,64,1"):
+            with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(**dict(STRIDE_VARIANTS[name]))
+                torch.cuda.synchronize()
+            print(f"\nlaunches, {name}: " + ", ".join(f"{n[:28]} {t / 1e3:.2f}" for n, t in _kernel_rows(prof)))
 
 
 def tau_diagnostic() -> None:
@@ -88,11 +162,18 @@ def tau_diagnostic() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=131072)
+    ap.add_argument("--regime", nargs="+", default=["content"], choices=["content", "recency"])
     ap.add_argument("--tau", action="store_true")
+    ap.add_argument("--selection", action="store_true", help="time the selection alone per level layout")
+    ap.add_argument("--no-profile", action="store_true", help="skip the fwd+bwd kernel profile")
     args = ap.parse_args()
     if args.tau:
         tau_diagnostic()
-    profile(args.length)
+    if args.selection:
+        selection(args.length, args.regime)
+    if not args.no_profile:
+        for regime in args.regime:
+            profile(args.length, regime)
 
 
 if __name__ == "__main__":
