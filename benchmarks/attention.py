@@ -75,12 +75,29 @@ def _fwd_bwd(f, do, leaves):
 
 
 def _use_variant(variant: str) -> None:
-    """``KEY=VAL,...``: block-config overrides of the SparseK kernels (``default``: none)."""
+    """``KEY=VAL,...``: block-config overrides of the SparseK kernels (``default``: none); ``sel.KEY``
+    for the selection kernels (``sel.anchor_warps=8``), ``strides=4096/256/64/1`` for the levels."""
     from sparsek.kernels import sparsek_triton
 
     base = _BASE_CONFIG.setdefault("f", sparsek_triton._config)
-    extra = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in variant.split(",") if kv and variant != "default"}
-    sparsek_triton._config = lambda g, d, dt: {**base(g, d, dt), **extra}
+    extra, sel = {}, {}
+    for kv in variant.split(","):
+        if not kv or variant == "default":
+            continue
+        key, val = kv.split("=")
+        if key.startswith("sel."):  # selection kernels' options (sparsek_selection keywords)
+            sel[key[4:]] = int(val)
+        elif key == "strides":  # level layout, e.g. strides=4096/256/64/1
+            extra[key] = tuple(int(x) for x in val.split("/"))
+        else:
+            extra[key] = int(val)
+
+    def config(g, d, dt):
+        c = {**base(g, d, dt), **extra}
+        c["sel"] = {**c["sel"], **sel}
+        return c
+
+    sparsek_triton._config = config
 
 
 _BASE_CONFIG: dict = {}

@@ -74,6 +74,11 @@ STRIDE_VARIANTS = {
     "anchor_bn=256": {"anchor_block_n": 256},
     "build_bn=256": {"build_block_n": 256},
     "band_bq=16": {"band_block_q": 16},
+    "anchor_bq=1,warps=8,bn=4096": {"anchor_block_q": 1, "anchor_warps": 8, "anchor_block_n": 4096},
+    "anchor_bq=1,warps=16,bn=4096": {"anchor_block_q": 1, "anchor_warps": 16, "anchor_block_n": 4096},
+    "build_warps=8": {"build_warps": 8},
+    "band_warps=8": {"band_warps": 8},
+    "band_bq=16,warps=2": {"band_block_q": 16, "band_warps": 2},
 }
 
 

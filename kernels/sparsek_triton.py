@@ -83,8 +83,9 @@ class _Plan:
 
     def select(self):
         c = self.cfg
+        strides = self.strides if self.strides is not None else c.get("strides")
         sel = sparsek_selection(self.u, self.off, self.kvlen, self.lq, self.topk, self.window, self.hkv,
-                                self.strides, c["SEL_BQ"], c["SEL_BN"], **c["sel"], packed=self.packed)
+                                strides, c["SEL_BQ"], c["SEL_BN"], **c["sel"], packed=self.packed)
         self.tau, self.thu, self.thj, self.nfrac = sel.tau, sel.thu, sel.thj, sel.nfrac
         self.lists = sel.lists
         self.idx, self.cnt = sparsek_block_lists(

@@ -720,7 +720,7 @@ def sparsek_selection(
     hkv: int, strides: tuple[int, ...] | None = None, block_q: int = 32, block_n: int = 256,
     anchor_block_q: int = 4, anchor_block_n: int = 1024, build_block_n: int = 1024,
     band_block_q: int = 32, band_block_e: int = 64, caps: tuple[int, int] | None = None,
-    packed: PackedDocs | None = None,
+    packed: PackedDocs | None = None, anchor_warps: int = 4, build_warps: int = 4, band_warps: int = 4,
 ) -> Selection:
     """Thresholds and top-k boundaries of every query of ``u`` ``[B*Hkv, Lk]`` float32 (see module doc).
 
@@ -729,6 +729,7 @@ def sparsek_selection(
     overflowing intervals take the full path, so caps change speed, never results.
     ``packed``: ``u`` is ``[Hkv, T]`` of packed documents (``lq = T``, ``offsets``/``kv_len`` are
     ``packed.off``/``packed.length``); the results are ``[Hkv, T]`` too, levels follow the longest one.
+    ``*_warps``: warps per program of the anchor, band build and band select kernels (speed only).
     """
     bh, lk = u.shape
     lq_grid = lq if packed is None else packed.max_len
@@ -747,7 +748,8 @@ def sparsek_selection(
     nq = triton.cdiv(lq_grid - 1, s0) + 1
     bq0, bn0 = (block_q, block_n) if s0 == 1 else (anchor_block_q, anchor_block_n)
     _anchor_kernel[(triton.cdiv(nq, bq0), rows)](u, offsets, kv_len, tau, thu, thj, nfrac, tok, lq, lk, topk,
-                                                 window, s0, nq, BQ=bq0, BN=bn0, HKV=hkv, PACKED=packed is not None)
+                                                 window, s0, nq, BQ=bq0, BN=bn0, HKV=hkv, PACKED=packed is not None,
+                                                 num_warps=anchor_warps)
     lists = None
     for level, (s, r) in enumerate(zip(strides, strides[1:], strict=False)):
         if packed is None:
@@ -769,13 +771,14 @@ def sparsek_selection(
         ci = torch.empty((bh, m, 8), device=dev, dtype=torch.int32)
         _band_build_kernel[(m, grid_rows)](u, offsets, kv_len, tau, thu, ej, eu, fj, fu, lj, cf, ci, itab, tok,
                                            lq, lk, window, s, m, cap_e, cap_f, cap_l,
-                                           BUILD_LIST=last, BN=build_block_n, HKV=hkv, PACKED=packed is not None)
+                                           BUILD_LIST=last, BN=build_block_n, HKV=hkv, PACKED=packed is not None,
+                                           num_warps=build_warps)
         bq = min(band_block_q, triton.next_power_of_2(s // r))
         tpi = triton.cdiv(s // r, bq)
         _band_select_kernel[(m * tpi, grid_rows)](u, offsets, kv_len, tau, thu, thj, nfrac, ej, eu, fj, fu, cf, ci,
                                                   itab, tok, lq, lk, topk, window, s, r, m, tpi, cap_e, cap_f,
                                                   BQ=bq, BN=block_n, BE=band_block_e, HKV=hkv,
-                                                  PACKED=packed is not None)
+                                                  PACKED=packed is not None, num_warps=band_warps)
         if last:
             lists = (lj, ci, s, m, cap_l)
     # tau is monotone in exact arithmetic (SPEC 1.3); forward and backward use this monotone value.
