@@ -14,6 +14,7 @@ fractional-set sizes, to locate where the float32 path loses precision.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -82,13 +83,24 @@ STRIDE_VARIANTS = {
 }
 
 
-def selection(length: int, regimes: list[str], reps: int = 10) -> None:
+def _load_module(path: str):
+    """A selection module from a file (e.g. an earlier commit's, for an A/B on the same GPU)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_select", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_select"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def selection(length: int, regimes: list[str], reps: int = 10, baseline: str | None = None) -> None:
     """Selection alone (thresholds + block lists, issue 3's shape): medians per layout, launches in order."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
+    from sparsek.kernels import sparsek_triton_select
     from sparsek.kernels.sparsek_triton import _config
-    from sparsek.kernels.sparsek_triton_select import sparsek_block_lists, sparsek_selection
 
     hkv, topk, window = 8, 2048, 512
     cfg = _config(4, 128, torch.bfloat16)
@@ -98,19 +110,23 @@ def selection(length: int, regimes: list[str], reps: int = 10) -> None:
         u = _scores(length, regime, hkv).reshape(hkv, length).contiguous()
 
         def run(u=u, **kw):
+            mod = kw.pop("module", sparsek_triton_select)
             sel_kw = dict(cfg["sel"])
             strides = kw.pop("strides", None)
             sel_kw.update(kw)
-            sel = sparsek_selection(u, off, kvlen, length, topk, window, hkv, strides, cfg["SEL_BQ"],
-                                    cfg["SEL_BN"], **sel_kw)
-            sparsek_block_lists(u, off, kvlen, sel.thu, sel.thj, length, topk, window, hkv, 32, cfg["LIST_BN"],
-                                sel.lists)
+            sel = mod.sparsek_selection(u, off, kvlen, length, topk, window, hkv, strides, cfg["SEL_BQ"],
+                                        cfg["SEL_BN"], **sel_kw)
+            mod.sparsek_block_lists(u, off, kvlen, sel.thu, sel.thj, length, topk, window, hkv, 32,
+                                    cfg["LIST_BN"], sel.lists)
             return sel
 
         ref = run()
         print(f"\n## selection, L={length}, {regime} (k={topk}, w={window}, Hkv={hkv})")
         print(f"| layout | ms (median of {reps}) | tau max abs diff vs default | theta equal |\n|---|---|---|---|")
-        for name, kw in STRIDE_VARIANTS.items():
+        variants = dict(STRIDE_VARIANTS)
+        if baseline:
+            variants[f"baseline {baseline}"] = {"module": _load_module(baseline)}
+        for name, kw in variants.items():
             sel = run(**dict(kw))
             times = []
             for _ in range(reps):
@@ -124,9 +140,9 @@ def selection(length: int, regimes: list[str], reps: int = 10) -> None:
             diff = (sel.tau - ref.tau).abs().max().item()
             same = bool(torch.equal(sel.thu, ref.thu) and torch.equal(sel.thj, ref.thj))
             print(f"| {name} | {times[len(times) // 2]:.2f} | {diff:.2e} | {same} |")
-        for name in ("default", "4096,256,64,1"):
+        for name in ("default", "4096,256,64,1", *(f"baseline {baseline}",) * bool(baseline)):
             with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-                run(**dict(STRIDE_VARIANTS[name]))
+                run(**dict(variants[name]))
                 torch.cuda.synchronize()
             print(f"\nlaunches, {name}: " + ", ".join(f"{n[:28]} {t / 1e3:.2f}" for n, t in _kernel_rows(prof)))
 
@@ -171,11 +187,12 @@ def main() -> None:
     ap.add_argument("--tau", action="store_true")
     ap.add_argument("--selection", action="store_true", help="time the selection alone per level layout")
     ap.add_argument("--no-profile", action="store_true", help="skip the fwd+bwd kernel profile")
+    ap.add_argument("--baseline-select", default=None, help="a sparsek_triton_select.py to time alongside")
     args = ap.parse_args()
     if args.tau:
         tau_diagnostic()
     if args.selection:
-        selection(args.length, args.regime)
+        selection(args.length, args.regime, baseline=args.baseline_select)
     if not args.no_profile:
         for regime in args.regime:
             profile(args.length, regime)

@@ -386,11 +386,17 @@ def _band_c(tc, ca, fjb, fub, cf, n, BE: tl.constexpr):
 
 @triton.jit(do_not_specialize_on_alignment=_SCORE_LENGTH)
 def _band_select_kernel(
-    U, OFF, KVLEN, TAU, THU, THJ, NFRAC, EJ, EU, FJ, FU, CF, CI, ITAB, TOK,
+    U, OFF, KVLEN, TAU, THU, THJ, NFRAC, EJ, EU, FJ, FU, CF, CI, ITAB, TOK, FALLBACK,
     Lq, Lk, topk, window, S, R, M, TPI, CAP_E, CAP_F,
     BQ: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr,
 ):
-    """Queries ``m S + t R`` (``1 <= t < S / R``, below ``Lq - 1``) of interval ``m`` from its bracket."""
+    """Queries ``m S + t R`` (``1 <= t < S / R``, below ``Lq - 1``) of interval ``m`` from its bracket.
+
+    A tile whose bracket check fails (or whose edge lists overflowed) stores nothing and sets
+    ``FALLBACK[tile]``; :func:`_band_fallback_kernel` then runs the full path for it. Keeping the
+    full path out of this kernel keeps its register count low (255 -> 128 at BQ=32, 8 warps,
+    sm_90), so more programs fit on an SM; the fallback is rare (first intervals, odd scores).
+    """
     pid = tl.program_id(0)
     b, m, rb, row0, lq, slot = _row_item(pid // TPI, tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
     t = (pid % TPI) * BQ + tl.arange(0, BQ)
@@ -549,9 +555,35 @@ def _band_select_kernel(
                         lo_j = tl.where(ok, mid_j, lo_j)
                         hi_j = tl.where(ok, hi_j, mid_j)
                     thj = tl.where(tie_rows, lo_j, 0)
-        if band_ok == 0:
-            tau, thu, thj, nfr = _full_select(ub, n, topk, BQ, BN)
-        o = so + qi
+        tl.store(FALLBACK + tl.program_id(1) * tl.num_programs(0) + pid, (band_ok == 0).to(tl.int32))
+        if band_ok:
+            o = so + qi
+            tl.store(TAU + o, tau, mask=tmask)
+            tl.store(THU + o, thu, mask=tmask)
+            tl.store(THJ + o, thj, mask=tmask)
+            tl.store(NFRAC + o, nfr, mask=tmask)
+    else:
+        tl.store(FALLBACK + tl.program_id(1) * tl.num_programs(0) + pid, 0)
+
+
+@triton.jit(do_not_specialize_on_alignment=_SCORE_LENGTH)
+def _band_fallback_kernel(
+    U, OFF, KVLEN, TAU, THU, THJ, NFRAC, ITAB, TOK, FALLBACK,
+    Lq, Lk, topk, window, S, R, M, TPI,
+    BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr,
+):
+    """The full path for the band tiles that :func:`_band_select_kernel` flagged (same grid and tiles)."""
+    pid = tl.program_id(0)
+    if tl.load(FALLBACK + tl.program_id(1) * tl.num_programs(0) + pid) != 0:
+        b, m, rb, row0, lq, slot = _row_item(pid // TPI, tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
+        t = (pid % TPI) * BQ + tl.arange(0, BQ)
+        qi = m * S + t * R
+        tmask = (t >= 1) & (t * R < S) & (qi < lq - 1)
+        off = tl.load(OFF + b)
+        kvlen = tl.load(KVLEN + b)
+        n = tl.where(tmask, _n_cand(qi, off, kvlen, window), 0)
+        tau, thu, thj, nfr = _full_select(U + rb * Lk + row0, n, topk, BQ, BN)
+        o = rb * Lq + row0 + qi
         tl.store(TAU + o, tau, mask=tmask)
         tl.store(THU + o, thu, mask=tmask)
         tl.store(THJ + o, thj, mask=tmask)
@@ -709,10 +741,18 @@ class Selection:
 
 
 def _caps(interval: int, topk: int, caps: tuple[int, int] | None) -> tuple[int, int]:
+    """Edge-list capacities of an interval of ``interval`` queries: tau edges, theta edges.
+
+    Both lists hold about ``interval`` keys when the scores carry a recency slope (every key that
+    enters between the two anchors pushes one out of the top-k, and tau moves with it), so neither
+    may be smaller than that: with theta's capacity at half of tau's, the 4096-query intervals of
+    recency-dominated scores overflowed by one key (4097 theta edges) and every one of their tiles
+    took the full path.
+    """
     if caps is not None:
         return caps
     cap_e = int(min(max(4 * interval, 256), 8192))
-    return cap_e, max(cap_e // 2, 64)
+    return cap_e, cap_e
 
 
 def sparsek_selection(
@@ -761,7 +801,7 @@ def sparsek_selection(
             break
         last = level == len(strides) - 2
         cap_e, cap_f = _caps(s, topk, caps)
-        cap_l = topk + cap_f if last else 1
+        cap_l = topk + max(cap_f // 2, 64) if last else 1  # k + the theta edges (~interval)
         ej = torch.empty((bh, m, cap_e), device=dev, dtype=torch.int32)
         eu = torch.empty((bh, m, cap_e), device=dev, dtype=torch.float32)
         fj = torch.empty((bh, m, cap_f), device=dev, dtype=torch.int32)
@@ -775,10 +815,15 @@ def sparsek_selection(
                                            num_warps=build_warps)
         bq = min(band_block_q, triton.next_power_of_2(s // r))
         tpi = triton.cdiv(s // r, bq)
-        _band_select_kernel[(m * tpi, grid_rows)](u, offsets, kv_len, tau, thu, thj, nfrac, ej, eu, fj, fu, cf, ci,
-                                                  itab, tok, lq, lk, topk, window, s, r, m, tpi, cap_e, cap_f,
-                                                  BQ=bq, BN=block_n, BE=band_block_e, HKV=hkv,
-                                                  PACKED=packed is not None, num_warps=band_warps)
+        grid = (m * tpi, grid_rows)
+        fallback = torch.empty(grid[::-1], device=dev, dtype=torch.int32)
+        _band_select_kernel[grid](u, offsets, kv_len, tau, thu, thj, nfrac, ej, eu, fj, fu, cf, ci, itab, tok, fallback,
+                                  lq, lk, topk, window, s, r, m, tpi, cap_e, cap_f,
+                                  BQ=bq, BN=block_n, BE=band_block_e, HKV=hkv, PACKED=packed is not None,
+                                  num_warps=band_warps)
+        _band_fallback_kernel[grid](u, offsets, kv_len, tau, thu, thj, nfrac, itab, tok, fallback,
+                                    lq, lk, topk, window, s, r, m, tpi, BQ=bq, BN=block_n, HKV=hkv,
+                                    PACKED=packed is not None)
         if last:
             lists = (lj, ci, s, m, cap_l)
     # tau is monotone in exact arithmetic (SPEC 1.3); forward and backward use this monotone value.
