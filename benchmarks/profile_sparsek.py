@@ -67,19 +67,12 @@ def profile(length: int, regime: str = "content") -> None:
 
 STRIDE_VARIANTS = {
     "default": {},
-    "4096,256,64,1": {"strides": (4096, 256, 64, 1)},
-    "4096,512,64,1": {"strides": (4096, 512, 64, 1)},
     "2048,128,1": {"strides": (2048, 128, 1)},
-    "8192,256,1": {"strides": (8192, 256, 1)},
-    "anchor_bq=1": {"anchor_block_q": 1},
-    "anchor_bn=256": {"anchor_block_n": 256},
-    "build_bn=256": {"build_block_n": 256},
+    "4096,128,1": {"strides": (4096, 128, 1)},
+    "2048,256,1": {"strides": (2048, 256, 1)},
     "band_bq=16": {"band_block_q": 16},
-    "anchor_bq=1,warps=8,bn=4096": {"anchor_block_q": 1, "anchor_warps": 8, "anchor_block_n": 4096},
-    "anchor_bq=1,warps=16,bn=4096": {"anchor_block_q": 1, "anchor_warps": 16, "anchor_block_n": 4096},
-    "build_warps=8": {"build_warps": 8},
-    "band_warps=8": {"band_warps": 8},
-    "band_bq=16,warps=2": {"band_block_q": 16, "band_warps": 2},
+    "band_be=32": {"band_block_e": 32},
+    "anchor_bq=4,warps=4,bn=1024 (before)": {"anchor_block_q": 4, "anchor_warps": 4, "anchor_block_n": 1024},
 }
 
 
@@ -142,7 +135,7 @@ def selection(length: int, regimes: list[str], reps: int = 10, baseline: str | N
             diff = (sel.tau - ref.tau)[fin].abs().max().item() if same_inf and fin.any() else float("nan")
             same = bool(torch.equal(sel.thu, ref.thu) and torch.equal(sel.thj, ref.thj))
             print(f"| {name} | {times[len(times) // 2]:.2f} | {diff:.2e} | {same} |")
-        for name in ("default", "4096,256,64,1", *(f"baseline {baseline}",) * bool(baseline)):
+        for name in ("default", "2048,128,1", *(f"baseline {baseline}",) * bool(baseline)):
             with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
                 run(**dict(variants[name]))
                 torch.cuda.synchronize()
