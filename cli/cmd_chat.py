@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import typer
 
@@ -21,6 +24,34 @@ Examples:
   sparsek chat you/qwen3-cca --system "You are terse." --max-new-tokens 512
   sparsek chat ./my-llama-sk --temperature 0.7 --top-p 0.9 --device cuda --dtype bfloat16
 """
+
+
+@contextmanager
+def _ctrl_c_requests_stop():
+    """While an answer streams, Ctrl-C sets a flag that the generation loop checks after every token.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and one raised inside a
+    finaliser or a callback is printed and dropped ("Exception ignored in ..."): the answer then never
+    stops. A flag cannot be lost, and the loop stops between two steps, so the cache stays consistent
+    and the conversation continues from the partial answer. A second Ctrl-C (e.g. during a long
+    prefill, which checks no flag) raises KeyboardInterrupt as before.
+    """
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: keep the default behaviour
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def register(app: typer.Typer) -> None:
@@ -83,7 +114,9 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"unknown command {text.split()[0]}; commands: /reset /stats /exit")
                 continue
             try:
-                session.reply(text, on_text=lambda d: (sys.stdout.write(d), sys.stdout.flush()))
-                typer.echo("")
+                with _ctrl_c_requests_stop() as stop:
+                    res = session.reply(text, on_text=lambda d: (sys.stdout.write(d), sys.stdout.flush()),
+                                        should_stop=stop.is_set)
+                typer.echo("\n[interrupted]" if res.finish_reason == "interrupted" else "")
             except KeyboardInterrupt:
                 typer.echo("\n[interrupted]")

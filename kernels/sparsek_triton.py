@@ -52,9 +52,10 @@ def _config(g: int, d: int, dtype: torch.dtype) -> dict:
             # dK/dV: 32 rows x 128 keys, 8 warps, 2 stages: fastest of six shapes measured at 128K
             "dkdv_BM": 32, "dkdv_BN": 128 if d <= 128 else 32, "NSUB": 32, "dkdv_warps": 8, "dkdv_stages": 2,
             # anchors: one query per program, 16 warps over 4096-key chunks (128K selection, H100:
-            # 17.3 -> 11.3 ms content-driven, 29.2 -> 23.3 recency; the anchor kernel is the critical path)
+            # 17.3 -> 11.3 ms content-driven, 29.2 -> 23.3 recency; the anchor kernel is the critical path);
+            # band edges walked 32 at a time: 11.5 -> 10.1 ms content-driven, 23.2 -> 19.0 recency
             "sel": {"anchor_block_q": 1, "anchor_block_n": 4096, "anchor_warps": 16, "build_block_n": 1024,
-                    "band_block_q": 32, "band_block_e": 64}}
+                    "band_block_q": 32, "band_block_e": 32}}
 
 
 class _Plan:

@@ -738,6 +738,8 @@ class Selection:
     thj: torch.Tensor
     nfrac: torch.Tensor
     lists: tuple[torch.Tensor, torch.Tensor, int, int, int] | None  # (LJ, CI, S, M, CAP_L)
+    # per band level, 1 for every tile that took the full path (diagnostics and tests: speed only)
+    fallbacks: tuple[torch.Tensor, ...] = ()
 
 
 def _caps(interval: int, topk: int, caps: tuple[int, int] | None) -> tuple[int, int]:
@@ -791,6 +793,7 @@ def sparsek_selection(
                                                  window, s0, nq, BQ=bq0, BN=bn0, HKV=hkv, PACKED=packed is not None,
                                                  num_warps=anchor_warps)
     lists = None
+    fallbacks = []
     for level, (s, r) in enumerate(zip(strides, strides[1:], strict=False)):
         if packed is None:
             m, grid_rows, itab = triton.cdiv(lq - 1, s), bh, offsets
@@ -824,6 +827,7 @@ def sparsek_selection(
         _band_fallback_kernel[grid](u, offsets, kv_len, tau, thu, thj, nfrac, itab, tok, fallback,
                                     lq, lk, topk, window, s, r, m, tpi, BQ=bq, BN=block_n, HKV=hkv,
                                     PACKED=packed is not None)
+        fallbacks.append(fallback)
         if last:
             lists = (lj, ci, s, m, cap_l)
     # tau is monotone in exact arithmetic (SPEC 1.3); forward and backward use this monotone value.
@@ -831,7 +835,7 @@ def sparsek_selection(
         tau = torch.cummax(tau, dim=1).values
     else:  # per document
         tau = _segment_cummax(tau, packed.token_doc())
-    return Selection(tau, thu, thj, nfrac, lists)
+    return Selection(tau, thu, thj, nfrac, lists, tuple(fallbacks))
 
 
 def sparsek_thresholds(

@@ -297,7 +297,8 @@ class ChatSession:
     with the text the cache already holds (previous rendering + the answer), only the rest is
     tokenised and fed, after the answer's last token (sampled but never fed): a chunked
     continuation of the bounded cache. Otherwise the cache is rebuilt from the whole conversation.
-    An interrupted answer (Ctrl-C) may leave a layer half-updated, so its cache is dropped.
+    An answer stopped through ``should_stop`` ends between two steps and keeps its cache; one cut by
+    KeyboardInterrupt may leave a layer half-updated, so its cache is dropped.
     """
 
     def __init__(self, generator: Generator, cfg: SamplingConfig, system: str | None = None):
@@ -317,11 +318,14 @@ class ChatSession:
     def context_tokens(self) -> int:
         return 0 if self.cache is None else int(self.cache.layers[0].count.max())
 
-    def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    def reply(self, user_text: str, on_text: Callable[[str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
         """Answer one user message, streaming text deltas to ``on_text``.
 
-        On KeyboardInterrupt the partial answer is kept in the conversation and the exception is
-        re-raised for the caller to report.
+        ``should_stop`` is checked after every token; when it returns True the answer ends there
+        (``finish_reason == "interrupted"``) and is kept, cache included, like a finished one.
+        On KeyboardInterrupt the partial answer is kept in the conversation, the cache is dropped
+        and the exception is re-raised for the caller to report.
         """
         tok = self.generator.tokenizer
         self.messages.append({"role": "user", "content": user_text})
@@ -340,7 +344,8 @@ class ChatSession:
 
         self.cache, self.cached_text = None, None  # untrustworthy until the turn completes
         try:
-            results, cache = self.generator.generate_ids([new], self.cfg, on_token, cache=cache)
+            results, cache = self.generator.generate_ids([new], self.cfg, on_token, cache=cache,
+                                                         should_stop=should_stop)
         except KeyboardInterrupt:
             self.messages.append({"role": "assistant", "content": "".join(partial)})
             raise

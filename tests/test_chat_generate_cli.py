@@ -129,6 +129,29 @@ def test_chat_second_turn_continues_the_cache(folders):
     # the continued cache answers exactly like a fresh cache fed the same tokens from scratch
     fresh = gen.generate_ids([s.fed_ids[: held + s.last_fed]], cfg)[0][0]
     assert fresh.token_ids == second.token_ids
+def test_chat_stopped_answer_keeps_a_consistent_cache(folders):
+    """An answer stopped through ``should_stop`` (what Ctrl-C sets) ends after the token it was on,
+    is kept in the conversation, and the next turn continues its cache exactly like a rebuild."""
+    from sparsek.runtime.generation import ChatSession, Generator
+    from sparsek.runtime.loading import load_model, load_tokenizer
+    from sparsek.runtime.sampling import SamplingConfig
+
+    folder = folders["endless"]
+    model, tok = load_model(folder, device="cpu"), load_tokenizer(folder)
+    gen = Generator(model, tok, prefill_chunk=5)
+    cfg = SamplingConfig(max_new_tokens=50, temperature=0, stop_token_ids=gen.default_stop_ids())
+    s = ChatSession(gen, cfg)
+    checks = iter(range(cfg.max_new_tokens))  # the loop asks after every token: stop at the third
+    first = s.reply("the a of to", should_stop=lambda: next(checks) >= 2)
+    assert first.finish_reason == "interrupted" and len(first.token_ids) == 3
+    assert s.messages[-1] == {"role": "assistant", "content": first.text}
+    held = s.context_tokens
+    assert s.cache is not None and held == len(s.fed_ids)
+    second = s.reply("and in is")
+    fresh = gen.generate_ids([s.fed_ids[: held + s.last_fed]], cfg)[0][0]
+    assert fresh.token_ids == second.token_ids
+
+
 @pytest.mark.slow  # a subprocess: imports torch and transformers
 def test_chat_ctrl_c_stops_only_the_answer(folders):
     proc = subprocess.Popen(

@@ -14,7 +14,7 @@ from sparsek.kernels import sparsek_triton_select
 from sparsek.kernels.sparsek_projection import sparsek_threshold
 from sparsek.kernels.sparsek_reference import sparsek_attention_reference, topk_mask
 from sparsek.kernels.sparsek_triton import sparsek_attention_triton
-from sparsek.kernels.sparsek_triton_select import sparsek_selection, sparsek_thresholds
+from sparsek.kernels.sparsek_triton_select import _caps, sparsek_selection, sparsek_thresholds
 
 
 def _inputs(b, h, hkv, lq, lk, d, dtype, device="cpu", score_scale=0.5, ties=False, seed=0):
@@ -144,7 +144,34 @@ def test_band_selection_scores_on_the_bracket_and_overflow():
     u[0, 0, 18] = tau_a - margin + 1.0
     u[0, 0, 19] = tau_a
     _check_selection(u, off, kvlen, lq, topk, window, (8, 1))
-    _check_selection(u, off, kvlen, lq, topk, window, (8, 1), caps=(2, 2))
+    small = _check_selection(u, off, kvlen, lq, topk, window, (8, 1), caps=(2, 2))
+    assert small.fallbacks[-1].sum() > 0  # the overflowing tiles did run the fallback kernel
+
+
+def test_band_path_takes_recency_dominated_scores_without_fallback():
+    """Scores with a recency slope (what ``convert --alpha`` gives): between two anchors tau and theta
+    drift past a whole interval's worth of keys, so every one of them is an edge. The edge lists must
+    hold them all: no tile may take the full path, except where the anchor has at most k candidates.
+    (4096-query intervals once overflowed their theta list by one key and ran the full path throughout:
+    69 ms instead of 29 at 128K on the H100.)"""
+    gen = torch.Generator().manual_seed(9)
+    lq = lk = 600
+    topk, window = 32, 8
+    u = torch.randn(1, 1, lk, generator=gen) + torch.arange(lk, dtype=torch.float32) / 2
+    off = torch.zeros(1, dtype=torch.int32)
+    kvlen = torch.tensor([lk], dtype=torch.int32)
+    strides = (128, 16, 1)
+    sel = _check_selection(u, off, kvlen, lq, topk, window, strides)
+    assert len(sel.fallbacks) == 2
+    for s, flags in zip(strides, sel.fallbacks, strict=False):
+        assert flags.shape == (1, -(-(lq - 1) // s))  # one tile per interval at these sizes
+        first_full = (topk + window - 1) // s + 1  # first interval whose anchor has more than k candidates
+        assert flags[:, first_full:].sum() == 0, (s, flags)
+    # the capacity rule behind it, up to the largest interval of the default levels: a theta list holds
+    # at least an interval's worth of keys plus slack (one key over was enough to overflow)
+    for s in (2**i for i in range(3, 13)):
+        cap_e, cap_f = _caps(s, 2048, None)
+        assert cap_f >= s + 64 and cap_e >= s + 64, s
 
 
 def test_band_path_attention_and_grads_fp32(monkeypatch):
