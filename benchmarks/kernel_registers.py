@@ -49,8 +49,9 @@ def _signature(fn, constexprs: dict) -> tuple[dict, dict]:
     return sig, attrs
 
 
-def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 2) -> tuple[int, int]:
-    """(registers per thread, local memory bytes per thread) of ``fn`` compiled for sm_90."""
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 2) -> tuple[int, int, int]:
+    """(registers per thread, local memory bytes per thread, local load/store instructions in the
+    SASS: spills) of ``fn`` compiled for sm_90."""
     sig, attrs = _signature(fn, constexprs)
     kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -60,8 +61,10 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 2) -> tupl
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         info = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
     regs, local = re.search(r"REG:(\d+)", info), re.search(r"LOCAL:(\d+)", info)
-    return int(regs.group(1)), int(local.group(1)) if local else 0
+    spills = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\s", sass))
+    return int(regs.group(1)), int(local.group(1)) if local else 0, spills
 
 
 def main() -> None:
@@ -106,11 +109,12 @@ def main() -> None:
          c["dkdv_warps"], c["dkdv_stages"]),
     ]
     print(f"sm_90, triton {triton.__version__}, G={g}, head_dim={d}, bf16\n")
-    print("| kernel | warps | stages | registers | local bytes | programs per SM (registers) |\n|---|---|---|---|---|---|")
+    print("| kernel | warps | stages | registers | local bytes | spill loads+stores (SASS) | programs per SM "
+          "(registers) |\n|---|---|---|---|---|---|---|")
     for name, fn, consts, warps, stages in rows:
-        regs, local = resources(fn, consts, warps, stages)
+        regs, local, spills = resources(fn, consts, warps, stages)
         per_sm = 65536 // max(1, regs * 32 * warps)
-        print(f"| {name} | {warps} | {stages} | {regs} | {local} | {per_sm} |")
+        print(f"| {name} | {warps} | {stages} | {regs} | {local} | {spills} | {per_sm} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import triton
 
 from .sparsek_reference import _check_shapes, packed_bounds
 from .sparsek_triton_attn import _sparsek_fwd_kernel
-from .sparsek_triton_bwd import _sparsek_bwd_dkdv_kernel, _sparsek_bwd_dq_kernel
+from .sparsek_triton_bwd import _delta_kernel, _sparsek_bwd_dkdv_kernel, _sparsek_bwd_dq_kernel
 from .sparsek_triton_select import PackedDocs, segment_key, sparsek_block_lists, sparsek_selection
 from .triton_options import dot_options
 
@@ -205,6 +205,19 @@ def _backward_kernels(plan: _Plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow
     )
 
 
+def _row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """``(do.float() * o.float()).sum(-1)`` without the float32 copies (one Triton pass)."""
+    if not (o.is_contiguous() and do.is_contiguous() and o.shape == do.shape):
+        return (do.float() * o.float()).sum(-1)
+    d = o.shape[-1]
+    delta = torch.empty(o.shape[:-1], device=o.device, dtype=torch.float32)
+    rows = delta.numel()
+    if rows:
+        br = 16 if _INTERPRET else 64
+        _delta_kernel[(triton.cdiv(rows, br),)](o, do, delta, rows, D=d, BR=br, BD=triton.next_power_of_2(d))
+    return delta
+
+
 class _SparsekAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scores, topk, window, scale, seqlens, q_offsets, packed):
@@ -223,7 +236,7 @@ class _SparsekAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)
+        delta = _row_dot(o, do)
         dq = torch.empty_like(q)
         dk = torch.zeros((plan.b, plan.hkv, plan.lk, plan.d), device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)

@@ -33,6 +33,22 @@ from .sparsek_triton_select import _row_item
 
 
 @triton.jit
+def _delta_kernel(OUT, DO, DELTA, R, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """``delta = rowsum(O * dO)`` in float32 over ``R`` contiguous rows of ``D`` (FlashAttention's
+    backward preprocessing): one read of O and dO in their own dtype, where PyTorch's
+    ``(do.float() * o.float()).sum(-1)`` wrote two float32 copies and their product (3 x 2 GiB and
+    several passes at 128K, issue 3's shape). Kept out of the dQ kernel, whose registers are full."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    rm = r < R
+    m = rm[:, None] & (d < D)[None, :]
+    off = r.to(tl.int64)[:, None] * D + d[None, :]
+    o = tl.load(OUT + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * g, 1), mask=rm)
+
+
+@triton.jit
 def _load_rows(Q, DO, LSE, DELTA, TAU, THU, THJ, b, hk, rb, row0, i0, off, kvlen, lq, Lq,
                sqb, sqh, sql, sdb, sdh, sdl,
                HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr,

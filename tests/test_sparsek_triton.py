@@ -355,3 +355,21 @@ def test_gpu_selection_tau_matches_float64_reference(regime, path):
         # keys of the content regime; a misclassified key moves tau by ~1e-2
         excess = ((got - ref).abs() - (1e-6 * scale + 1e-5)).max().item()
         assert excess <= 0, (path, regime, h, excess)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_delta_kernel_matches_pytorch(dtype):
+    """``delta = rowsum(o * do)`` of the backward (one Triton pass) against PyTorch in float64:
+    rows not a multiple of the row block, a head_dim that is not a power of two, and a
+    non-contiguous input (which takes the PyTorch path)."""
+    from sparsek.kernels.sparsek_triton import _row_dot
+
+    gen = torch.Generator().manual_seed(3)
+    o = torch.randn(2, 3, 37, 24, generator=gen).to(dtype)
+    do = torch.randn(2, 3, 37, 24, generator=gen).to(dtype)
+    want = (o.double() * do.double()).sum(-1)
+    got = _row_dot(o, do)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    strided = _row_dot(o.transpose(1, 2), do.transpose(1, 2))
+    torch.testing.assert_close(strided.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)
