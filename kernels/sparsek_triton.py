@@ -181,7 +181,7 @@ def _backward_kernels(plan: _Plan, q, k, v, do, lse, delta, dq, dk, dv, du, mrow
         q, k, v, plan.u, plan.tau, plan.thu, plan.thj, plan.idx, plan.cnt, plan.off, plan.kvlen,
         do, lse, delta, dq, mrow, btab, tok, *strides,
         plan.lq, plan.lk, plan.window, scale, plan.nblocks, plan.cap,
-        HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c["BN"], D=plan.d, BD=bd,
+        HKV=plan.hkv, G=plan.g, BQ=plan.bq, BM=c["BM"], BN=c.get("dq_BN", c["BN"]), D=plan.d, BD=bd,
         UPCAST=upcast, PACKED=packed, num_warps=c.get("dq_warps", c["warps"]),
         num_stages=c.get("dq_stages", c["stages"]), **dot_options(q.dtype),
     )
