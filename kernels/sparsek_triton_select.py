@@ -394,8 +394,9 @@ def _band_select_kernel(
 
     A tile whose bracket check fails (or whose edge lists overflowed) stores nothing and sets
     ``FALLBACK[tile]``; :func:`_band_fallback_kernel` then runs the full path for it. Keeping the
-    full path out of this kernel keeps its register count low (255 -> 128 at BQ=32, 8 warps,
-    sm_90), so more programs fit on an SM; the fallback is rare (first intervals, odd scores).
+    full path out of this kernel keeps its register count low (sm_90, BQ=32, 4 warps, 64-edge
+    chunks: 255 -> 168; ``benchmarks/kernel_registers.py``), so more programs fit on an SM; the
+    fallback is rare (first intervals, odd scores).
     """
     pid = tl.program_id(0)
     b, m, rb, row0, lq, slot = _row_item(pid // TPI, tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
