@@ -384,6 +384,18 @@ def _band_c(tc, ca, fjb, fub, cf, n, BE: tl.constexpr):
     return c
 
 
+@triton.jit
+def _band_tile(ITAB, TOK, KVLEN, Lq, S, R, M, TPI, BQ: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr):
+    """The queries of this program's band tile, shared by the select and fallback kernels:
+    ``(b, m, rb, row0, lq, slot, qi, tmask, flag)``; ``flag`` is the tile's entry in ``FALLBACK``."""
+    pid = tl.program_id(0)
+    b, m, rb, row0, lq, slot = _row_item(pid // TPI, tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
+    t = (pid % TPI) * BQ + tl.arange(0, BQ)
+    qi = m * S + t * R
+    tmask = (t >= 1) & (t * R < S) & (qi < lq - 1)
+    return b, m, rb, row0, lq, slot, qi, tmask, tl.program_id(1) * tl.num_programs(0) + pid
+
+
 @triton.jit(do_not_specialize_on_alignment=_SCORE_LENGTH)
 def _band_select_kernel(
     U, OFF, KVLEN, TAU, THU, THJ, NFRAC, EJ, EU, FJ, FU, CF, CI, ITAB, TOK, FALLBACK,
@@ -398,11 +410,7 @@ def _band_select_kernel(
     chunks: 255 -> 168; ``benchmarks/kernel_registers.py``), so more programs fit on an SM; the
     fallback is rare (first intervals, odd scores).
     """
-    pid = tl.program_id(0)
-    b, m, rb, row0, lq, slot = _row_item(pid // TPI, tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
-    t = (pid % TPI) * BQ + tl.arange(0, BQ)
-    qi = m * S + t * R
-    tmask = (t >= 1) & (t * R < S) & (qi < lq - 1)
+    b, m, rb, row0, lq, slot, qi, tmask, flag = _band_tile(ITAB, TOK, KVLEN, Lq, S, R, M, TPI, BQ, HKV, PACKED)
     if tl.max(tmask.to(tl.int32), 0) > 0:
         off = tl.load(OFF + b)
         kvlen = tl.load(KVLEN + b)
@@ -556,7 +564,7 @@ def _band_select_kernel(
                         lo_j = tl.where(ok, mid_j, lo_j)
                         hi_j = tl.where(ok, hi_j, mid_j)
                     thj = tl.where(tie_rows, lo_j, 0)
-        tl.store(FALLBACK + tl.program_id(1) * tl.num_programs(0) + pid, (band_ok == 0).to(tl.int32))
+        tl.store(FALLBACK + flag, (band_ok == 0).to(tl.int32))
         if band_ok:
             o = so + qi
             tl.store(TAU + o, tau, mask=tmask)
@@ -564,7 +572,7 @@ def _band_select_kernel(
             tl.store(THJ + o, thj, mask=tmask)
             tl.store(NFRAC + o, nfr, mask=tmask)
     else:
-        tl.store(FALLBACK + tl.program_id(1) * tl.num_programs(0) + pid, 0)
+        tl.store(FALLBACK + flag, 0)
 
 
 @triton.jit(do_not_specialize_on_alignment=_SCORE_LENGTH)
@@ -574,12 +582,8 @@ def _band_fallback_kernel(
     BQ: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr, PACKED: tl.constexpr,
 ):
     """The full path for the band tiles that :func:`_band_select_kernel` flagged (same grid and tiles)."""
-    pid = tl.program_id(0)
-    if tl.load(FALLBACK + tl.program_id(1) * tl.num_programs(0) + pid) != 0:
-        b, m, rb, row0, lq, slot = _row_item(pid // TPI, tl.program_id(1), ITAB, TOK, KVLEN, Lq, M, HKV, PACKED)
-        t = (pid % TPI) * BQ + tl.arange(0, BQ)
-        qi = m * S + t * R
-        tmask = (t >= 1) & (t * R < S) & (qi < lq - 1)
+    b, m, rb, row0, lq, slot, qi, tmask, flag = _band_tile(ITAB, TOK, KVLEN, Lq, S, R, M, TPI, BQ, HKV, PACKED)
+    if tl.load(FALLBACK + flag) != 0:
         off = tl.load(OFF + b)
         kvlen = tl.load(KVLEN + b)
         n = tl.where(tmask, _n_cand(qi, off, kvlen, window), 0)
