@@ -4,9 +4,9 @@ How it plugs into transformers: the caches are ``transformers.Cache`` subclasses
 ``model.generate(..., cache=SparseKCache(model))`` (``past_key_values=`` before transformers 5.25)
 and our own loop both use them. The attention modules still call ``cache.update(k, v, layer)``;
 that returns the new keys unchanged and stores nothing. The registered sparse attention function
-then sees that the cache has a ``sparse_attend`` method and hands the whole layer over to it (queries, keys, values, scores,
-padding mask): the cache layer updates its state and computes the attention itself, because only
-it knows which keys are still held.
+then sees that the cache has a ``sparse_attend`` method and hands the whole layer over to it
+(queries, keys, values, scores, padding mask): the cache layer updates its state and computes the
+attention itself, because only it knows which keys are still held.
 
 Per layer, batch row and KV head, a SparseK layer holds ``w + k`` K/V slots in one buffer:
 
